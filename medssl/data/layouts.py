@@ -1,0 +1,73 @@
+"""Case discovery for the real data layouts.
+
+BraTS: ``<dir>/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz``. Each modality may also be a
+``.nii``/``.mha``/``.nrrd`` file or a DICOM series folder ``<case>/<case>_<modality>/``; all are
+read through MONAI's ``LoadImage`` (nibabel, ITK or pydicom reader).
+
+DSB 2018 nuclei: ``<dir>/images/<id>.png`` (RGB/RGBA/grey) and ``<dir>/labels/<id>.png`` (uint16
+instance map, 0 = background).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+BRATS_LABEL_VALUES = (0, 1, 2, 4)
+BRATS_REGIONS = ("TC", "WT", "ET")  # channel order of ConvertToMultiChannelBasedOnBratsClasses
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def find_modality(case_dir: Path, case: str, name: str) -> Path | None:
+    """The file (or DICOM series folder) of modality ``name`` of ``case``, or None when absent."""
+    for suffix in IMAGE_SUFFIXES:
+        p = case_dir / f"{case}_{name}{suffix}"
+        if p.is_file():
+            return p
+    d = case_dir / f"{case}_{name}"
+    if d.is_dir() and any(d.iterdir()):
+        return d
+    return None
+
+
+def expected_modality_path(case_dir: Path, case: str, name: str) -> Path:
+    return case_dir / f"{case}_{name}.nii.gz"
+
+
+def brats_case_dirs(dataset_dir: str | Path) -> list[Path]:
+    """Sub-folders of ``dataset_dir`` that look like BraTS cases (hold at least one ``<case>_*`` entry)."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob(f"{d.name}_*")))
+
+
+def brats_cases(dataset_dir: str | Path, modalities=BRATS_MODALITIES, with_label: bool = True) -> list[dict]:
+    """One dict per case: ``{"case", "image": [modality paths], "label": seg path}``.
+
+    Absolute paths; a missing file is reported under its expected name so that
+    :func:`medssl.data.check_cases` can name it.
+    """
+    cases = []
+    for d in brats_case_dirs(dataset_dir):
+        paths = [find_modality(d, d.name, m) or expected_modality_path(d, d.name, m) for m in modalities]
+        item = {"case": d.name, "image": [str(p) for p in paths]}
+        if with_label:
+            item["label"] = str(find_modality(d, d.name, "seg") or expected_modality_path(d, d.name, "seg"))
+        cases.append(item)
+    return cases
+
+
+def nuclei_cases(dataset_dir: str | Path) -> list[dict]:
+    """One dict per image of the DSB 2018 nuclei layout: ``{"case", "image", "label"}``."""
+    root = Path(dataset_dir)
+    images = sorted((root / "images").glob("*.png")) if (root / "images").is_dir() else []
+    return [{"case": p.stem, "image": str(p), "label": str(root / "labels" / p.name)} for p in images]
+
+
+LAYOUTS = {"brats": brats_cases, "nuclei": nuclei_cases}
+
+
+def detect_layout(dataset_dir: str | Path) -> str:
+    """``"nuclei"`` when ``dataset_dir/images`` exists, else ``"brats"``."""
+    return "nuclei" if (Path(dataset_dir) / "images").is_dir() else "brats"

@@ -1,0 +1,134 @@
+"""MSD-style datalists: seeded train/validation/test splits with a labelled fraction.
+
+The JSON has the keys ``training``, ``validation`` and ``test`` (Medical Segmentation Decathlon
+style, paths relative to the data set folder) and, inside ``training``, ``"labelled": true|false``
+per case. For a given seed the three sets do not depend on the label fraction, and the labelled
+cases are nested: the labelled cases at fraction 0.1 are among those at 0.2, and so on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..utils import atomic_write_json
+from .check import DataError, check_cases
+from .layouts import LAYOUTS, detect_layout
+
+
+def _relative(item: dict, base: Path) -> dict:
+    def rel(p):
+        return [rel(q) for q in p] if isinstance(p, list) else os.path.relpath(p, base)
+
+    return {k: rel(v) if k in ("image", "label") else v for k, v in item.items()}
+
+
+def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
+               test_fraction: float = 0.3) -> dict:
+    """Split ``cases`` into training/validation/test and flag ``labelled`` training cases.
+
+    ``round(test_fraction * n)`` cases go to test, ``round(val_fraction * n)`` to validation and
+    the rest to training; ``max(1, round(label_fraction * n_training))`` training cases are
+    labelled. ``test_fraction=1.0`` puts every case in ``test`` (to evaluate a trained bundle on
+    a folder it has never seen).
+    """
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    if not (0.0 <= val_fraction <= 1.0 and 0.0 <= test_fraction <= 1.0 and val_fraction + test_fraction <= 1.0):
+        raise ValueError(f"val_fraction and test_fraction must be in [0, 1] with a sum <= 1, "
+                         f"got {val_fraction} and {test_fraction}")
+    cases = sorted(cases, key=lambda c: c["case"])
+    n = len(cases)
+    if n == 0:
+        raise DataError(["no cases to split; expected at least one"])
+    rng = np.random.RandomState(seed)
+    order = [cases[i] for i in rng.permutation(n)]
+    n_test = int(round(test_fraction * n))
+    n_val = min(int(round(val_fraction * n)), n - n_test)
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    if n_test < n and not train:
+        raise ValueError(f"{n} cases leave no training case with val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}")
+    n_lab = max(1, int(round(label_fraction * len(train)))) if train else 0
+    labelled = {c["case"] for c in [train[i] for i in rng.permutation(len(train))][:n_lab]}
+    return {
+        "seed": seed,
+        "label_fraction": label_fraction,
+        "training": [dict(c, labelled=c["case"] in labelled) for c in train],
+        "validation": list(val),
+        "test": list(test),
+    }
+
+
+def write_datalist(datalist: dict, path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
+    """Write ``datalist`` atomically, with image/label paths relative to ``base_dir``."""
+    base = Path(base_dir).resolve()
+    out = {k: [_relative(c, base) for c in v] if isinstance(v, list) else v for k, v in datalist.items()}
+    return atomic_write_json(out, path)
+
+
+def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike) -> dict:
+    """Read a datalist JSON and resolve its relative paths against ``base_dir``."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise DataError([f"{path}: missing; expected a datalist JSON (medssl data split writes one)"]) from None
+    except json.JSONDecodeError as e:
+        raise DataError([f"{path}: not valid JSON ({e}); expected an MSD-style datalist"]) from None
+    base = Path(base_dir)
+
+    def absolute(p):
+        return [absolute(q) for q in p] if isinstance(p, list) else str(base / p) if not os.path.isabs(p) else p
+
+    missing = [k for k in ("training", "validation", "test") if k not in raw]
+    if missing:
+        raise DataError([f"{path}: lacks the keys {missing}; expected training, validation and test lists"])
+    return {k: [{kk: absolute(vv) if kk in ("image", "label") else vv for kk, vv in c.items()} for c in v]
+            if isinstance(v, list) else v for k, v in raw.items()}
+
+
+def bundle_datalist(dataset_dir: str, datalist_file: str | None = None, label_fraction: float = 1.0,
+                    seed: int = 0, layout: str | None = None, check: bool = True, **split_kwargs) -> dict:
+    """The datalist a bundle stage uses, validated before any training.
+
+    ``datalist_file`` (an MSD-style JSON, paths relative to ``dataset_dir``) when given, otherwise
+    a seeded split of every case found in ``dataset_dir``. With ``check`` every referenced file is
+    read and validated; all problems are raised together as one :class:`DataError`.
+    """
+    layout = layout or detect_layout(dataset_dir)
+    if datalist_file:
+        datalist = load_datalist(datalist_file, dataset_dir)
+        context = f"datalist {datalist_file}"
+    else:
+        if not Path(dataset_dir).is_dir():
+            raise DataError([f"{dataset_dir}: missing; expected the data set folder (set dataset_dir, or "
+                             f"MEDSSL_DATA_DIR; `medssl data download` fetches the public sample)"])
+        cases = LAYOUTS[layout](dataset_dir)
+        if not cases:
+            raise DataError([f"{dataset_dir}: no cases found; expected "
+                             + ("<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz folders" if layout == "brats"
+                                else "images/<id>.png and labels/<id>.png")])
+        datalist = make_split(cases, label_fraction=label_fraction, seed=seed, **split_kwargs)
+        context = f"data set {dataset_dir}"
+    if check:
+        every = [c for k in ("training", "validation", "test") for c in datalist.get(k, [])]
+        check_cases(every, layout, context=context)
+    return datalist
+
+
+def labelled(datalist: dict) -> list[dict]:
+    """The labelled training cases (every training case when no ``labelled`` flag is present)."""
+    return [c for c in datalist["training"] if c.get("labelled", True)]
+
+
+def unlabelled(datalist: dict) -> list[dict]:
+    return [c for c in datalist["training"] if not c.get("labelled", True)]
+
+
+def all_training(datalist: dict) -> list[dict]:
+    """Every training case, labels dropped (what self-supervised pretraining may see)."""
+    return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"]]

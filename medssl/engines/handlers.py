@@ -1,0 +1,177 @@
+"""Ignite handlers for durable runs: atomic checkpoints with resume, best-model saving, metric reports.
+
+MONAI's ``CheckpointSaver`` writes in place (``atomic=False``); these write a temp file and rename
+it, so an interrupted run never leaves a half-written checkpoint, and a restarted run resumes from
+the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from monai.utils import min_version, optional_import
+
+from ..utils import atomic_torch_save, atomic_write_json
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+Checkpoint, _ = optional_import("ignite.handlers", "0.4.11", min_version, "Checkpoint")
+
+logger = logging.getLogger(__name__)
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+
+
+class ResumableCheckpoint:
+    """Save ``save_dict`` atomically to ``save_dir/filename`` every ``save_interval`` epochs and at the end;
+    when ``resume`` and that file exists at start, restore every object from it first. The engine it
+    is attached to is saved and restored too (as ``"trainer"``), so a resumed run continues at the
+    epoch where the last one stopped.
+
+    ``final_filename`` (optional) also receives the bare state dict of ``save_dict["network"]`` at
+    completion, the model-zoo ``model.pt`` format.
+    """
+
+    def __init__(self, save_dir: str, save_dict: Mapping, filename: str = "checkpoint.pt", save_interval: int = 1,
+                 resume: bool = True, final_filename: str | None = None):
+        self.save_dir = Path(save_dir)
+        self.save_dict = dict(save_dict)
+        self.path = self.save_dir / filename
+        self.save_interval = save_interval
+        self.resume = resume
+        self.final_filename = final_filename
+
+    def attach(self, engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
+        engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
+        engine.add_event_handler(Events.COMPLETED, self.complete)
+
+    def load(self, engine) -> None:
+        if not (self.resume and self.path.is_file()):
+            return
+        ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=ckpt)
+        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+
+    def save(self, engine) -> None:
+        state = {k: (_unwrap(v) if isinstance(v, torch.nn.Module) else v).state_dict() for k, v in self.save_dict.items()}
+        atomic_torch_save(state, self.path)
+
+    def complete(self, engine) -> None:
+        self.save(engine)
+        if self.final_filename:
+            atomic_torch_save(_unwrap(self.save_dict["network"]).state_dict(), self.save_dir / self.final_filename)
+            logger.info("saved %s", self.save_dir / self.final_filename)
+
+
+class BestModelSaver:
+    """Attach to a validation evaluator: save the network's state dict atomically whenever
+    ``key_metric`` (in ``engine.state.metrics``) improves. Its best value is kept in
+    :meth:`state_dict`, so put the saver in a :class:`ResumableCheckpoint` to resume it too."""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, key_metric: str = "val_mean_dice",
+                 filename: str = "model.pt", higher_is_better: bool = True):
+        self.path = Path(save_dir) / filename
+        self.network = network
+        self.key_metric = key_metric
+        self.sign = 1.0 if higher_is_better else -1.0
+        self.best = -math.inf
+        self.best_epoch = -1
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        value = float(engine.state.metrics[self.key_metric])
+        if math.isnan(value):
+            value = -math.inf * self.sign
+        if self.sign * value > self.best or not self.path.exists():
+            self.best = max(self.best, self.sign * value)
+            self.best_epoch = int(engine.state.epoch)
+            atomic_torch_save(_unwrap(self.network).state_dict(), self.path)
+            logger.info("new best %s=%.4f, saved %s", self.key_metric, value, self.path)
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+
+
+class LoadCheckpoint:
+    """Attach to an evaluator: before it starts, load ``load_path`` into ``network`` with
+    :func:`medssl.networks.load_pretrained` (no head mismatch allowed), so that a missing file or a
+    checkpoint of another network stops with one clear message naming the file."""
+
+    def __init__(self, load_path: str, network: torch.nn.Module):
+        self.load_path = load_path
+        self.network = network
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine=None) -> None:
+        from ..networks import load_pretrained
+
+        load_pretrained(_unwrap(self.network), self.load_path, allow_head_mismatch=False)
+
+
+class MetricsReport:
+    """Attach to an evaluator: at completion write ``output_file`` (JSON, atomically) with, for each
+    metric whose handler ran with ``save_details=True``, the per-region means over cases
+    (NaN for cases where the region is empty in both label and prediction are skipped), the mean
+    over regions (``mean_<metric>``), and per-case values keyed by ``case_key``.
+    """
+
+    def __init__(self, output_file: str, regions: Sequence[str], metrics: Sequence[str] = ("dice", "hd95"),
+                 case_key: str = "case", extra: Mapping | None = None):
+        self.output_file = output_file
+        self.regions = list(regions)
+        self.metrics = list(metrics)
+        self.case_key = case_key
+        self.extra = dict(extra or {})
+        self.cases: list[str] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.cases.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _collect(self, engine) -> None:
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            name = item.get(self.case_key, "?")
+            self.cases.extend(name if isinstance(name, (list, tuple)) else [name])
+
+    def __call__(self, engine) -> None:
+        report: dict = {"num_cases": 0}
+        for metric in self.metrics:
+            details = engine.state.metric_details.get(metric)
+            if details is None:
+                continue
+            values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, len(self.regions))
+            values[torch.isinf(values)] = torch.nan
+            per_region = values.nanmean(0)
+            report["num_cases"] = int(values.shape[0])
+            report[metric] = {r: _num(v) for r, v in zip(self.regions, per_region)}
+            report[f"mean_{metric}"] = _num(per_region.nanmean())
+            report.setdefault("per_case", [{"case": c} for c in self.cases[: values.shape[0]]])
+            for row, vals in zip(report["per_case"], values):
+                row[metric] = {r: _num(v) for r, v in zip(self.regions, vals)}
+        report.update(self.extra)
+        atomic_write_json(report, self.output_file)
+        logger.info("metrics: %s -> %s", {k: v for k, v in report.items() if k.startswith("mean_")}, self.output_file)
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return None if math.isnan(v) else round(v, 6)

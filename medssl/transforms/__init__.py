@@ -1,0 +1,6 @@
+"""MONAI-style array and dictionary transforms of the medssl methods."""
+
+from .context_swap import RandContextSwap, RandContextSwapd
+from .brats import BratsRegionsToLabel, BratsRegionsToLabeld
+
+__all__ = ["RandContextSwap", "RandContextSwapd", "BratsRegionsToLabel", "BratsRegionsToLabeld"]

@@ -1,0 +1,54 @@
+"""Small shared helpers: atomic writes and environment lookups."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
+
+    The rename is atomic on POSIX, so readers see either the old file or the complete new one,
+    never a partial write (an interrupted run leaves only a stray temp file behind).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
+    return atomic_write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", path)
+
+
+def data_root() -> Path:
+    """``$MEDSSL_DATA_DIR``, else ``~/.cache/medssl/data``."""
+    return Path(os.environ.get("MEDSSL_DATA_DIR") or Path.home() / ".cache" / "medssl" / "data").expanduser()
+
+
+def default_dataset_dir(name: str) -> str:
+    """The default ``dataset_dir`` of a bundle: ``$MEDSSL_DATA_DIR/<name>``."""
+    return str(data_root() / name)
