@@ -1,0 +1,206 @@
+"""``medssl benchmark``: label-efficiency of a method against its from-scratch baseline.
+
+For each seed: one seeded split (train/validation/test; the labelled subsets are nested across
+fractions), one pretraining run on all training cases (labels unused), then for each label
+fraction a fine-tune from the pretrained weights (``init=method``) and one from scratch
+(``init=baseline``) on the same labelled cases, each evaluated on the seed's test cases.
+Every finished run is kept on disk, so an interrupted benchmark resumes where it stopped.
+Writes ``results.json``, ``results.md`` and ``label_efficiency.png`` to ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..bundles import bundle_path, run_stage
+from ..data import LAYOUTS, detect_layout, make_split, write_datalist, check_cases
+from ..utils import atomic_write, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class BenchmarkSpec:
+    dataset: str
+    regions: Sequence[str]
+    budgets: dict = field(default_factory=dict)  # budget -> {"pretrain": overrides, "train": overrides}
+    inits: Sequence[str] = ("method", "baseline")
+
+
+BENCHMARKS = {
+    "context_restoration": BenchmarkSpec(
+        dataset="brats18_2mm",
+        regions=("TC", "WT", "ET"),
+        budgets={
+            # the configs' own defaults (100 epochs x 50 iterations each): a GPU budget
+            "full": {"pretrain": {}, "train": {}},
+            # 500 pretraining and 400 fine-tuning steps of batch 2 x 4 x 64^3: about 3 min per
+            # (fraction, seed) pair of method + baseline on 2 CPU cores
+            "small": {"pretrain": {"max_epochs": 20, "epoch_length": 25},
+                      "train": {"max_epochs": 16, "epoch_length": 25, "val_interval": 4}},
+            # a few steps, for tests of the harness itself; its numbers mean nothing
+            "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2},
+                      "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
+        },
+    ),
+}
+
+
+def _parse_list(values, cast):
+    if isinstance(values, str):
+        values = [v for v in values.split(",") if v.strip()]
+    elif not isinstance(values, (list, tuple)):
+        values = [values]
+    return [cast(v) for v in values]
+
+
+def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,1,2", budget: str = "small",
+                  out: str = "benchmark_out", progress: bool = True, logging_file: str | bool | None = None) -> dict:
+    if bundle not in BENCHMARKS:
+        raise ValueError(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
+    spec = BENCHMARKS[bundle]
+    if budget not in spec.budgets:
+        raise ValueError(f"budget must be one of {sorted(spec.budgets)}, got {budget!r}")
+    fractions, seeds = _parse_list(fractions, float), _parse_list(seeds, int)
+    bundle_path(bundle)
+    out_dir = Path(out).resolve()
+    data_dir = str(Path(data_dir).resolve())
+    layout = detect_layout(data_dir)
+    cases = LAYOUTS[layout](data_dir)
+    check_cases(cases, layout, context=f"data set {data_dir}")  # every problem, before any training
+    overrides = spec.budgets[budget]
+    results = {"bundle": bundle, "dataset": Path(data_dir).name, "data_dir": data_dir, "budget": budget,
+               "fractions": fractions, "seeds": seeds, "runs": []}
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(seeds) * (1 + len(fractions) * len(spec.inits)), desc=f"benchmark {bundle}",
+               disable=not progress)
+    for seed in seeds:
+        seed_dir = out_dir / f"seed{seed}"
+        pre_dir = seed_dir / "pretrain"
+        datalists = {}
+        for f in fractions:
+            split = make_split(cases, label_fraction=f, seed=seed)
+            datalists[f] = write_datalist(split, seed_dir / f"datalist_f{f:g}.json", data_dir)
+        common = {"dataset_dir": data_dir, "seed": seed}
+        pretrained = pre_dir / "pretrained.pt"
+        if "method" in spec.inits and not pretrained.is_file():
+            bar.set_postfix_str(f"seed {seed}: pretrain")
+            t0 = time.perf_counter()
+            run_stage(bundle, "pretrain", logging_file, ckpt_dir=str(pre_dir),
+                      datalist_file=str(datalists[max(fractions)]), **common, **overrides["pretrain"])
+            atomic_write_json({"pretrain_seconds": time.perf_counter() - t0}, pre_dir / "timing.json")
+        bar.update(1)
+        for f in fractions:
+            for init in spec.inits:
+                run_dir = seed_dir / f"f{f:g}" / init
+                record = run_dir / "run.json"
+                if not record.is_file():
+                    bar.set_postfix_str(f"seed {seed}, fraction {f:g}: {init}")
+                    t0 = time.perf_counter()
+                    run_stage(bundle, "train", logging_file, ckpt_dir=str(run_dir), datalist_file=str(datalists[f]),
+                              init=init, pretrained_ckpt=str(pretrained), label_fraction=f, **common,
+                              **overrides["train"])
+                    train_seconds = time.perf_counter() - t0
+                    run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(run_dir), output_dir=str(run_dir),
+                              datalist_file=str(datalists[f]), **common)
+                    metrics = json.loads((run_dir / "metrics.json").read_text())
+                    n_lab = sum(c.get("labelled", True) for c in json.loads(datalists[f].read_text())["training"])
+                    atomic_write_json({"init": init, "fraction": f, "seed": seed, "labelled_cases": n_lab,
+                                       "mean_dice": metrics["mean_dice"], "dice": metrics["dice"],
+                                       "mean_hd95": metrics.get("mean_hd95"), "hd95": metrics.get("hd95"),
+                                       "train_seconds": round(train_seconds, 1),
+                                       "test_cases": metrics["num_cases"]}, record)
+                results["runs"].append(json.loads(record.read_text()))
+                atomic_write_json(results, out_dir / "results.json")
+                bar.update(1)
+        pre_t = pre_dir / "timing.json"
+        if pre_t.is_file():
+            results.setdefault("pretrain_seconds", {})[str(seed)] = round(json.loads(pre_t.read_text())["pretrain_seconds"], 1)
+    bar.close()
+    results["summary"] = summarise(results["runs"], fractions, spec.inits, spec.regions)
+    atomic_write_json(results, out_dir / "results.json")
+    atomic_write_text(results_markdown(results, spec.regions), out_dir / "results.md")
+    plot_label_efficiency(results, out_dir / "label_efficiency.png")
+    return results
+
+
+def _stats(values):
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
+
+
+def summarise(runs: list[dict], fractions, inits, regions) -> list[dict]:
+    rows = []
+    for f in fractions:
+        for init in inits:
+            sel = [r for r in runs if r["fraction"] == f and r["init"] == init]
+            if not sel:
+                continue
+            m, s = _stats([r["mean_dice"] for r in sel])
+            row = {"fraction": f, "init": init, "n_seeds": len(sel), "mean_dice": round(m, 4), "std_dice": round(s, 4),
+                   "dice": {g: round(_stats([r["dice"][g] for r in sel])[0], 4) for g in regions},
+                   "mean_hd95": round(_stats([r.get("mean_hd95") for r in sel])[0], 2),
+                   "train_seconds": round(_stats([r["train_seconds"] for r in sel])[0], 1),
+                   "labelled_cases": sel[0].get("labelled_cases")}
+            rows.append(row)
+    return rows
+
+
+def results_markdown(results: dict, regions) -> str:
+    rows = results["summary"]
+    lines = [f"# {results['bundle']} on {results['dataset']} (budget: {results['budget']}, "
+             f"seeds {', '.join(map(str, results['seeds']))})", "",
+             "Mean over seeds (± std) of the test-set Dice; HD95 in voxels. `method` = fine-tuned from the "
+             "pretrained weights, `baseline` = same network and schedule from scratch.", "",
+             "| fraction | labelled cases | init | mean Dice | " + " | ".join(f"{g} Dice" for g in regions)
+             + " | mean HD95 | train s |", "|" + "---|" * (6 + len(regions))]
+    for r in rows:
+        lines.append(f"| {r['fraction']:g} | {r['labelled_cases']} | {r['init']} | {r['mean_dice']:.3f} ± {r['std_dice']:.3f} | "
+                     + " | ".join(f"{r['dice'][g]:.3f}" for g in regions)
+                     + f" | {r['mean_hd95']:.1f} | {r['train_seconds']:.0f} |")
+    lines.append("")
+    for f in results["fractions"]:
+        by = {r["init"]: r for r in rows if r["fraction"] == f}
+        if "method" in by and "baseline" in by:
+            d = by["method"]["mean_dice"] - by["baseline"]["mean_dice"]
+            wins = sum(1 for s in results["seeds"] if _seed_delta(results["runs"], f, s) > 0)
+            verdict = "beat" if d > 0 else "did not beat"
+            lines.append(f"- fraction {f:g}: pretraining {verdict} the baseline ({d:+.3f} mean Dice; "
+                         f"better in {wins} of {len(results['seeds'])} seeds).")
+    return "\n".join(lines) + "\n"
+
+
+def _seed_delta(runs, f, seed) -> float:
+    by = {r["init"]: r["mean_dice"] for r in runs if r["fraction"] == f and r["seed"] == seed}
+    return by.get("method", float("nan")) - by.get("baseline", float("nan"))
+
+
+def plot_label_efficiency(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    for init in sorted({r["init"] for r in results["summary"]}):
+        rows = sorted((r for r in results["summary"] if r["init"] == init), key=lambda r: r["fraction"])
+        x = [r["fraction"] for r in rows]
+        ax.errorbar(x, [r["mean_dice"] for r in rows], yerr=[r["std_dice"] for r in rows], marker="o", capsize=3,
+                    label=init)
+    ax.set_xscale("log")
+    ax.set_xticks(results["fractions"], [f"{f:g}" for f in results["fractions"]])
+    ax.set_xlabel("fraction of labelled training cases")
+    ax.set_ylabel("mean test Dice (± std over seeds)")
+    ax.set_title(f"{results['bundle']} on {results['dataset']} ({results['budget']} budget)", fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)

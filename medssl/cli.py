@@ -1,0 +1,109 @@
+"""The ``medssl`` command (python-fire).
+
+    medssl bundles
+    medssl run BUNDLE STAGE [--key value ...]
+    medssl data download brats18-sample [--out DIR]
+    medssl data prepare SRC OUT
+    medssl data split DIR --out FILE [--label_fraction 0.1] [--seed 0] [--val_fraction 0.15] [--test_fraction 0.3]
+    medssl data check DIR
+    medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --seeds 0,1,2 --budget small --out DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import fire
+
+
+class Data:
+    """Data sets: download, prepare, split, check."""
+
+    def download(self, name: str = "brats18-sample", out: str | None = None, prepare: bool = True):
+        """Fetch the public BraTS 2018 sample (1 mm, SHA-256 verified) and prepare its 2 mm copy."""
+        from .data import download, prepare as prep
+        from .utils import data_root
+
+        if name != "brats18-sample":
+            raise SystemExit(f"unknown data set {name!r}; expected 'brats18-sample'")
+        root = Path(out) if out else data_root()
+        raw = download(root / "brats18_1mm")
+        if prepare:
+            prep(raw, root / "brats18_2mm")
+        return str(root)
+
+    def prepare(self, src: str, out: str, pixdim: float = 2.0, margin: int = 2):
+        """Crop BraTS cases to the brain (+margin voxels) and resample to pixdim mm."""
+        from .data import prepare
+
+        return [str(p) for p in prepare(src, out, pixdim, margin)]
+
+    def split(self, data_dir: str, out: str, label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
+              test_fraction: float = 0.3):
+        """Write an MSD-style datalist JSON (training with labelled flags / validation / test)."""
+        from .data import LAYOUTS, detect_layout, make_split, write_datalist
+
+        cases = LAYOUTS[detect_layout(data_dir)](data_dir)
+        split = make_split(cases, label_fraction, seed, val_fraction, test_fraction)
+        write_datalist(split, out, data_dir)
+        n_lab = sum(c["labelled"] for c in split["training"])
+        return (f"{out}: {len(split['training'])} training ({n_lab} labelled), {len(split['validation'])} validation, "
+                f"{len(split['test'])} test")
+
+    def check(self, data_dir: str, layout: str | None = None):
+        """Validate every file of a data directory; report every problem in one pass (exit 1 if any)."""
+        from .data import check_dataset_dir
+
+        problems = check_dataset_dir(data_dir, layout)
+        if problems:
+            print(f"{data_dir}: {len(problems)} problem(s):", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+            raise SystemExit(1)
+        return f"{data_dir}: OK"
+
+
+class CLI:
+    """medssl: label-efficient segmentation methods as MONAI Bundles."""
+
+    def __init__(self):
+        self.data = Data()
+
+    def bundles(self):
+        """List the shipped bundles: name, paper, paradigm, stages."""
+        from .bundles import list_bundles
+
+        for b in list_bundles():
+            print(f"{b['name']:24s} {b['paradigm']:32s} stages: {', '.join(b['stages'])}\n{'':24s} {b['paper']}")
+
+    def run(self, bundle: str, stage: str, **overrides):
+        """Run one stage of a bundle (same as python -m monai.bundle run --config_file ...)."""
+        from .bundles import run_stage
+
+        run_stage(bundle, stage, **overrides)
+
+    def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", seeds="0,1,2",
+                  budget: str = "small", out: str = "benchmark_out", fetch: bool = False):
+        """Method vs baseline at each label fraction and seed; writes results.json/.md and label_efficiency.png."""
+        from .apps.benchmark import BENCHMARKS, run_benchmark
+        from .data import ensure_sample
+        from .utils import data_root
+
+        if data_dir is None:
+            dataset = BENCHMARKS[bundle].dataset if bundle in BENCHMARKS else ""
+            data_dir = str(ensure_sample(data_root(), dataset) if fetch else data_root() / dataset)
+        res = run_benchmark(bundle, data_dir, fractions, seeds, budget, out)
+        print(Path(out, "results.md").read_text())
+        return None if res else None
+
+
+def main():
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    fire.Fire(CLI(), name="medssl")
+
+
+if __name__ == "__main__":
+    main()
