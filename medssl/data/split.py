@@ -132,3 +132,17 @@ def unlabelled(datalist: dict) -> list[dict]:
 def all_training(datalist: dict) -> list[dict]:
     """Every training case, labels dropped (what self-supervised pretraining may see)."""
     return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"]]
+
+
+def inference_cases(dataset_dir: str, layout: str | None = None, check: bool = True) -> list[dict]:
+    """Every case of ``dataset_dir`` without labels (what inference reads), validated unless ``check=False``."""
+    layout = layout or detect_layout(dataset_dir)
+    if layout == "brats":
+        from .layouts import brats_cases
+
+        cases = brats_cases(dataset_dir, with_label=False)
+    else:
+        cases = [{k: v for k, v in c.items() if k != "label"} for c in LAYOUTS[layout](dataset_dir)]
+    if check:
+        check_cases(cases, layout, context=f"inference input {dataset_dir}")
+    return cases

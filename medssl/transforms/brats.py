@@ -61,5 +61,7 @@ def case_output_name(metadict: dict, saver) -> dict:
 
     src = metadict.get("filename_or_obj", "")
     src = src[0] if isinstance(src, (list, tuple)) else src
-    return {"subject": Path(str(src)).parent.name or Path(str(src)).name.split(".")[0],
-            "idx": metadict.get("patch_index", "")}
+    out = {"subject": Path(str(src)).parent.name or Path(str(src)).name.split(".")[0]}
+    if metadict.get("patch_index") is not None:
+        out["idx"] = metadict["patch_index"]
+    return out
