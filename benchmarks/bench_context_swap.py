@@ -125,18 +125,6 @@ def naive_swap(img: np.ndarray, corners: np.ndarray, patch: int) -> np.ndarray:
     return out
 
 
-class NaiveContextSwap:
-    """Corners drawn by medssl's own sampler (identical positions), copy done by :func:`naive_swap`."""
-
-    def __init__(self, seed: int):
-        self.sampler = RandContextSwap(PATCH, NUM_SWAPS, foreground_only=True)
-        self.sampler.set_random_state(seed)
-
-    def __call__(self, img: np.ndarray) -> np.ndarray:
-        self.sampler.randomize(img)
-        return naive_swap(img, self.sampler.corners, PATCH)
-
-
 # ----------------------------------------------------------------------------------------------
 # timing helpers
 
@@ -273,28 +261,58 @@ def main(argv=None) -> dict:
     assert np.array_equal(naive_swap(arrays[0], chk.corners, PATCH), ref.numpy()), "naive loop != RandContextSwap"
     assert torch.equal(ref.flatten().sort().values, plain[0].flatten().sort().values), "not a permutation"
 
-    # ---- 1 + 2: transforms, interleaved
-    swap_meta = RandContextSwapd("image", patch_size=PATCH, num_swaps=NUM_SWAPS, foreground_only=True)
-    swap_meta.set_random_state(args.seed)
-    swap_plain = RandContextSwapd("image", patch_size=PATCH, num_swaps=NUM_SWAPS, foreground_only=True)
-    swap_plain.set_random_state(args.seed)
-    fns = {"medssl_metatensor": swap_meta, "medssl_tensor": swap_plain}
-    inputs = {"medssl_metatensor": [{"image": c} for c in crops], "medssl_tensor": [{"image": c} for c in plain]}
-    if tio is not None:
-        torch.manual_seed(args.seed)  # torchio draws with torch's global generator
-        fns["torchio"] = tio.RandomSwap(patch_size=PATCH, num_iterations=NUM_SWAPS)
-        inputs["torchio"] = [tio.Subject(image=tio.ScalarImage(tensor=c.clone(), affine=np.asarray(m.affine)))
-                             for c, m in zip(plain, crops)]
-    for name, fn in fns.items():  # warm-up
-        fn(inputs[name][0])
-    res = timed_rounds(fns, inputs, args.samples, args.rounds)
+    # ---- 1 + 2: transforms, interleaved, at each requested torch thread count
+    res_by_threads = {}
+    for nt in transform_threads:
+        torch.set_num_threads(nt)
+        swap_meta = RandContextSwapd("image", patch_size=PATCH, num_swaps=NUM_SWAPS, foreground_only=True)
+        swap_meta.set_random_state(args.seed)
+        swap_plain = RandContextSwapd("image", patch_size=PATCH, num_swaps=NUM_SWAPS, foreground_only=True)
+        swap_plain.set_random_state(args.seed)
+        fns = {"medssl_metatensor": swap_meta, "medssl_tensor": swap_plain}
+        inputs = {"medssl_metatensor": [{"image": c} for c in crops], "medssl_tensor": [{"image": c} for c in plain]}
+        if tio is not None:
+            torch.manual_seed(args.seed)  # torchio draws with torch's global generator
+            fns["torchio"] = tio.RandomSwap(patch_size=PATCH, num_iterations=NUM_SWAPS)
+            inputs["torchio"] = subjects
+        for name, fn in fns.items():  # warm-up
+            fn(inputs[name][0])
+        res_by_threads[nt] = timed_rounds(fns, inputs, args.samples, args.rounds)
 
-    # ---- 3: naive loop (fewer samples)
-    naive = NaiveContextSwap(args.seed)
-    t0 = time.perf_counter()
+    # ---- breakdown of RandContextSwap (headline thread count): mask, rest of randomize, swap
+    torch.set_num_threads(transform_threads[0])
+    bd = {}
+    for name, pool in (("metatensor", crops), ("tensor", plain)):
+        sw = RandContextSwap(PATCH, NUM_SWAPS, foreground_only=True)
+        sw.set_random_state(args.seed)
+        t_mask = t_rand = t_swap = 0.0
+        n_bd = max(1, args.samples // 4)
+        for i in range(n_bd):
+            x = pool[i % len(pool)]
+            t0 = time.perf_counter()
+            sw.select_fn(x)
+            t1 = time.perf_counter()
+            sw.randomize(x)  # computes the mask again, then draws + places the patches
+            t2 = time.perf_counter()
+            sw.swap(x, sw.corners)
+            t3 = time.perf_counter()
+            t_mask, t_rand, t_swap = t_mask + t1 - t0, t_rand + t2 - t1, t_swap + t3 - t2
+        bd[name] = {"samples": n_bd, "mask_ms": 1e3 * t_mask / n_bd, "randomize_ms": 1e3 * t_rand / n_bd,
+                    "placement_ms": 1e3 * (t_rand - t_mask) / n_bd, "swap_ms": 1e3 * t_swap / n_bd}
+
+    # ---- 3: naive loop (fewer samples): same sampler on the same tensor, voxel-by-voxel copy
+    naive = RandContextSwap(PATCH, NUM_SWAPS, foreground_only=True)
+    naive.set_random_state(args.seed)
+    t_draw = t_copy = 0.0
     for i in range(args.naive_samples):
-        naive(arrays[i % len(arrays)])
-    naive_s = (time.perf_counter() - t0) / max(args.naive_samples, 1)
+        t0 = time.perf_counter()
+        naive.randomize(plain[i % len(plain)])
+        t1 = time.perf_counter()
+        naive_swap(arrays[i % len(arrays)], naive.corners, PATCH)
+        t2 = time.perf_counter()
+        t_draw, t_copy = t_draw + t1 - t0, t_copy + t2 - t1
+    naive_s = (t_draw + t_copy) / max(args.naive_samples, 1)
+    naive_copy_s = t_copy / max(args.naive_samples, 1)
 
     # ---- 4: training steps
     train = bench_training(crops, args.steps, args.warmup, args.seed, threads)
