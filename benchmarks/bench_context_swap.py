@@ -231,19 +231,29 @@ def main(argv=None) -> dict:
     ap.add_argument("--crops_per_case", type=int, default=2)
     ap.add_argument("--data_dir", type=Path, default=None, help="BraTS 2 mm folder (default: "
                     "$MEDSSL_DATA_DIR/brats18_2mm, else <repo>/../shared/data/brats18_2mm)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all available cores)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads of the training steps (default: all available cores)")
+    ap.add_argument("--transform_threads", type=str, default="1,all",
+                    help="comma-separated torch thread counts for the transform rows; the first is the headline "
+                         "(default '1,all': 1 = a DataLoader worker, 'all' = the training thread count)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="write the numbers to this JSON file")
     args = ap.parse_args(argv)
 
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    transform_threads = []
+    for v in args.transform_threads.split(","):
+        v = threads if v.strip() == "all" else int(v)
+        if v not in transform_threads:
+            transform_threads.append(v)
     torch.set_num_threads(threads)
     set_determinism(seed=args.seed)
     data_dir = args.data_dir or default_data_dir()
     t_start = time.perf_counter()
 
     print(f"python {platform.python_version()}  torch {torch.__version__}  monai {monai.__version__}  "
-          f"torchio {tio.__version__ if tio else 'not importable'}  threads {threads}")
+          f"torchio {tio.__version__ if tio else 'not importable'}  numpy {np.__version__}  "
+          f"cores {threads}  transform threads {transform_threads}")
     t0 = time.perf_counter()
     crops, shapes = load_crops(data_dir, args.crops_per_case, args.seed)
     print(f"data: {data_dir}: {len(shapes)} cases (e.g. {shapes[0]}), {len(crops)} crops of {tuple(crops[0].shape)} "
@@ -253,6 +263,8 @@ def main(argv=None) -> dict:
 
     plain = [c.as_tensor().clone() for c in crops]
     arrays = [c.numpy() for c in plain]
+    subjects = ([tio.Subject(image=tio.ScalarImage(tensor=c.clone(), affine=np.asarray(m.affine)))
+                 for c, m in zip(plain, crops)] if tio is not None else [])
 
     # sanity: same corners -> naive loop == RandContextSwap; output is a permutation of the input
     chk = RandContextSwap(PATCH, NUM_SWAPS, foreground_only=True)
@@ -318,66 +330,88 @@ def main(argv=None) -> dict:
     train = bench_training(crops, args.steps, args.warmup, args.seed, threads)
 
     # ---- report
-    med = res["medssl_metatensor"]["samples_per_s"]
-    med_t = res["medssl_tensor"]["samples_per_s"]
-    tio_sps = res["torchio"]["samples_per_s"] if "torchio" in res else None
-    rows = [
-        ("RandContextSwapd (MetaTensor, as in the bundle)", res["medssl_metatensor"]),
-        ("RandContextSwapd (plain torch.Tensor)", res["medssl_tensor"]),
-    ]
-    if tio_sps is not None:
-        rows.append((f"torchio {tio.__version__} RandomSwap (ScalarImage)", res["torchio"]))
-    w = 50
-    print(f"{'transform (4x64^3, patch 8^3, 20 swaps)':<{w}} {'samples':>8} {'samples/s':>10} {'ms/sample':>10} "
-          f"{'vs torchio':>11} {'vs naive':>9}")
-    print("-" * (w + 53))
-    for name, r in rows:
-        sps = r["samples_per_s"]
-        vt = f"{sps / tio_sps:10.2f}x" if tio_sps else f"{'n/a':>11}"
-        print(f"{name:<{w}} {r['samples']:>8d} {sps:>10.1f} {1e3 / sps:>10.2f} {vt} {sps * naive_s:>8.0f}x")
-    if tio_sps is None:
-        print(f"{'torchio RandomSwap':<{w}} SKIPPED: torchio not importable ({TIO_ERROR})")
-    print(f"{'naive Python voxel loop (reference)':<{w}} {args.naive_samples:>8d} {1 / naive_s:>10.3f} "
-          f"{1e3 * naive_s:>10.1f} {f'{(1 / naive_s) / tio_sps:10.4f}x' if tio_sps else 'n/a':>11} {1:>8.0f}x")
+    w = 52
+    head = transform_threads[0]
+    res = res_by_threads[head]
+    tio_ok = "torchio" in res
+    print(f"{'transform (4x64^3 crop, patch 8^3, 20 swaps)':<{w}} {'threads':>7} {'samples':>7} {'samples/s':>10} "
+          f"{'ms/sample':>10} {'vs torchio':>10} {'vs naive':>9}")
+    print("-" * (w + 59))
+    labels = {"medssl_metatensor": "RandContextSwapd, MetaTensor (as in the bundle)",
+              "medssl_tensor": "RandContextSwapd, plain torch.Tensor",
+              "torchio": f"torchio {tio.__version__ if tio else ''} RandomSwap, ScalarImage"}
+    for nt in transform_threads:
+        r_nt = res_by_threads[nt]
+        t_sps = r_nt["torchio"]["samples_per_s"] if "torchio" in r_nt else None
+        for key, r in r_nt.items():
+            sps = r["samples_per_s"]
+            vt = f"{sps / t_sps:9.2f}x" if t_sps else f"{'n/a':>10}"
+            print(f"{labels[key]:<{w}} {nt:>7d} {r['samples']:>7d} {sps:>10.1f} {1e3 / sps:>10.2f} {vt} "
+                  f"{sps * naive_s:>8.1f}x")
+        if not tio_ok:
+            print(f"{'torchio RandomSwap':<{w}} {nt:>7d}  SKIPPED: torchio not importable ({TIO_ERROR})")
+    t_head = res["torchio"]["samples_per_s"] if tio_ok else None
+    vt = f"{(1 / naive_s) / t_head:9.3f}x" if t_head else f"{'n/a':>10}"
+    print(f"{'naive Python voxel loop (reference)':<{w}} {head:>7d} {args.naive_samples:>7d} {1 / naive_s:>10.2f} "
+          f"{1e3 * naive_s:>10.2f} {vt} {1:>8.1f}x")
+    print(f"{'  of which the voxel-by-voxel copy':<{w}} {'':>7} {'':>7} {'':>10} {1e3 * naive_copy_s:>10.2f}")
 
-    print(f"\ntraining step, UNet 16-256 x4 levels, Adam, batch 2x4x64^3, {train['threads']} threads, "
+    print(f"\nRandContextSwap breakdown ({head} thread(s), ms/sample)   {'fg mask':>9} {'placement':>10} "
+          f"{'swap+clone':>11} {'total':>8}")
+    for name, r in bd.items():
+        print(f"  {name:<52} {r['mask_ms']:>9.2f} {r['placement_ms']:>10.2f} {r['swap_ms']:>11.2f} "
+              f"{r['randomize_ms'] + r['swap_ms']:>8.2f}")
+
+    print(f"\ntraining step: UNet 16-256 x4 levels, Adam, batch 2x4x64^3, {train['threads']} threads, "
           f"{train['warmup']} warm-up + {train['steps']} timed steps each (interleaved)")
     print(f"{'step':<{w}} {'s/step':>8} {'steps/s':>10} {'median s':>10}")
     print("-" * (w + 31))
-    print(f"{'supervised (fwd+MSE+bwd+Adam)':<{w}} {train['supervised_s_per_step']:>8.3f} "
+    print(f"{'supervised (fwd + MSE + bwd + Adam)':<{w}} {train['supervised_s_per_step']:>8.3f} "
           f"{train['supervised_steps_per_s']:>10.3f} {train['supervised_median_s']:>10.3f}")
-    print(f"{'pretraining (2x RandContextSwapd + same step)':<{w}} {train['pretraining_s_per_step']:>8.3f} "
+    print(f"{'pretraining (2x RandContextSwapd + the same step)':<{w}} {train['pretraining_s_per_step']:>8.3f} "
           f"{train['pretraining_steps_per_s']:>10.3f} {train['pretraining_median_s']:>10.3f}")
-    print(f"{'  of which corruption':<{w}} {train['corruption_s_per_step']:>8.4f}")
+    print(f"{'  of which the corruption (2 samples)':<{w}} {train['corruption_s_per_step']:>8.4f}")
 
+    med = res["medssl_metatensor"]["samples_per_s"]
+    med_t = res["medssl_tensor"]["samples_per_s"]
     summary = {
+        "transform_threads": head,
         "randcontextswapd_samples_per_s": med,
         "randcontextswapd_plain_tensor_samples_per_s": med_t,
-        "torchio_samples_per_s": tio_sps,
-        "ratio_medssl_over_torchio": med / tio_sps if tio_sps else None,
-        "ratio_medssl_plain_tensor_over_torchio": med_t / tio_sps if tio_sps else None,
+        "torchio_samples_per_s": t_head,
+        "ratio_medssl_over_torchio": med / t_head if t_head else None,
+        "ratio_medssl_plain_tensor_over_torchio": med_t / t_head if t_head else None,
         "naive_loop_s_per_sample": naive_s,
+        "naive_loop_copy_s_per_sample": naive_copy_s,
         "speedup_over_naive": med * naive_s,
         "supervised_steps_per_s": train["supervised_steps_per_s"],
         "pretraining_steps_per_s": train["pretraining_steps_per_s"],
         "ratio_pretraining_over_supervised": train["pretraining_over_supervised"],
         "corruption_share_percent": 100 * train["corruption_share"],
     }
+    for nt in transform_threads[1:]:
+        r_nt = res_by_threads[nt]
+        if "torchio" in r_nt:
+            summary[f"ratio_medssl_over_torchio_{nt}_threads"] = (r_nt["medssl_metatensor"]["samples_per_s"]
+                                                                  / r_nt["torchio"]["samples_per_s"])
 
     def verdict(ok):
         return "OK" if ok else "MISSED"
 
-    print("\nSUMMARY")
-    print(f"  RandContextSwapd                 {med:9.1f} samples/s  (plain tensor: {med_t:.1f} samples/s)")
-    if tio_sps:
-        r, rt = med / tio_sps, med_t / tio_sps
-        print(f"  torchio RandomSwap               {tio_sps:9.1f} samples/s")
-        print(f"  ratio medssl / torchio           {r:9.2f}x   (plain tensor: {rt:.2f}x)  "
+    print(f"\nSUMMARY (transforms at {head} thread(s); training at {train['threads']} threads)")
+    print(f"  RandContextSwapd                 {med:9.1f} samples/s   (plain tensor: {med_t:.1f})")
+    if t_head:
+        r, rt = med / t_head, med_t / t_head
+        print(f"  torchio RandomSwap               {t_head:9.1f} samples/s")
+        print(f"  ratio medssl / torchio           {r:9.2f}x            (plain tensor: {rt:.2f}x)   "
               f"target >= 1: {verdict(r >= 1)}")
+        for nt in transform_threads[1:]:
+            if f"ratio_medssl_over_torchio_{nt}_threads" in summary:
+                print(f"  ratio medssl / torchio, {nt} thr   {summary[f'ratio_medssl_over_torchio_{nt}_threads']:9.2f}x")
     else:
         print(f"  torchio RandomSwap               skipped ({TIO_ERROR})")
-    print(f"  naive loop                       {1e3 * naive_s:9.1f} ms/sample; RandContextSwapd is "
-          f"{med * naive_s:.0f}x faster")
+    print(f"  naive loop                       {1e3 * naive_s:9.1f} ms/sample (copy alone {1e3 * naive_copy_s:.1f} ms); "
+          f"RandContextSwapd is {med * naive_s:.1f}x faster")
     print(f"  supervised steps/s               {train['supervised_steps_per_s']:9.3f}")
     print(f"  pretraining steps/s              {train['pretraining_steps_per_s']:9.3f}")
     print(f"  ratio pretraining / supervised   {train['pretraining_over_supervised']:9.3f}")
@@ -387,10 +421,12 @@ def main(argv=None) -> dict:
 
     result = {
         "summary": summary,
-        "transforms": res,
+        "transforms": {str(k): v for k, v in res_by_threads.items()},
+        "breakdown_ms": bd,
         "training": train,
         "config": {"samples": args.samples, "naive_samples": args.naive_samples, "steps": args.steps,
                    "warmup": args.warmup, "rounds": args.rounds, "seed": args.seed, "threads": threads,
+                   "transform_threads": transform_threads,
                    "patch_size": PATCH, "num_swaps": NUM_SWAPS, "roi": ROI, "data_dir": str(data_dir),
                    "cases": len(shapes), "crops": len(crops)},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "monai": monai.__version__,

@@ -78,10 +78,19 @@ class CLI:
             print(f"{b['name']:24s} {b['paradigm']:32s} stages: {', '.join(b['stages'])}\n{'':24s} {b['paper']}")
 
     def run(self, bundle: str, stage: str, **overrides):
-        """Run one stage of a bundle (same as python -m monai.bundle run --config_file ...)."""
+        """Run one stage of a bundle (same as python -m monai.bundle run --config_file ...).
+
+        Bad input (data, checkpoints) stops with its one message instead of MONAI's config traceback."""
         from .bundles import run_stage
 
-        run_stage(bundle, stage, **overrides)
+        try:
+            run_stage(bundle, stage, **overrides)
+        except Exception as e:
+            cause = _input_error(e)
+            if cause is None:
+                raise
+            print(f"medssl run {bundle} {stage}: {type(cause).__name__}: {cause}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", seeds="0,1,2",
                   budget: str = "small", out: str = "benchmark_out", fetch: bool = False):
@@ -96,6 +105,18 @@ class CLI:
         res = run_benchmark(bundle, data_dir, fractions, seeds, budget, out)
         print(Path(out, "results.md").read_text())
         return None if res else None
+
+
+def _input_error(e: BaseException):
+    """The medssl bad-input error behind MONAI's 'Failed to evaluate' wrappers, if any."""
+    from .data import DataError
+    from .networks import CheckpointMismatchError
+
+    while e is not None:
+        if isinstance(e, (DataError, CheckpointMismatchError)):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main():

@@ -1,0 +1,176 @@
+"""End to end: every stage of the context_restoration bundle through `python -m monai.bundle run`,
+on the real BraTS sample, with a tiny budget (the numbers mean nothing; the wiring does)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, case_file
+
+BUNDLE = REPO / "bundles" / "context_restoration"
+CONFIGS = BUNDLE / "configs"
+TINY = ["--max_epochs", "1", "--epoch_length", "2"]
+
+pytestmark = pytest.mark.slow
+
+
+def monai_run(stage, *args, check=True):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / f"{stage}.json"), *map(str, args)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    if check:
+        assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cr")
+    pre, ft, ev = root / "pretrain", root / "train", root / "eval"
+    monai_run("pretrain", *TINY, "--ckpt_dir", pre)
+    monai_run("train", "--max_epochs", 2, "--epoch_length", 2, "--val_interval", 1, "--ckpt_dir", ft,
+              "--pretrained_ckpt", pre / "pretrained.pt", "--label_fraction", 0.2)
+    monai_run("evaluate", "--ckpt_dir", ft, "--output_dir", ev)
+    return {"root": root, "pretrain": pre, "train": ft, "eval": ev}
+
+
+def test_pretrain_writes_checkpoints(runs):
+    assert (runs["pretrain"] / "pretrained.pt").is_file()
+    state = torch.load(runs["pretrain"] / "pretrain_checkpoint.pt", weights_only=False)
+    assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(state)
+    assert state["trainer"]["epoch"] == 1
+    assert not list(runs["pretrain"].glob(".*.tmp")), "a temp file was left behind"
+
+
+def test_fine_tune_starts_from_the_pretrained_weights(runs):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"pretrained_ckpt": str(runs["pretrain"] / "pretrained.pt"), "device": "$torch.device('cpu')",
+                   "bundle_root": str(BUNDLE)})
+    net = parser.get_parsed_content("init_network")
+    pre = torch.load(runs["pretrain"] / "pretrained.pt")
+    own = net.state_dict()
+    shared = [k for k in own if own[k].shape == pre[k].shape]
+    assert len(shared) == len(own) - 2 and all(torch.equal(own[k], pre[k]) for k in shared)
+    parser.update({"init": "baseline"})
+    base = parser.get_parsed_content("init_network", lazy=False)
+    assert not torch.equal(base.state_dict()[shared[0]], pre[shared[0]])
+
+
+def test_train_saves_best_model_and_resumes(runs):
+    ft = runs["train"]
+    assert (ft / "model.pt").is_file()
+    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["epoch"] == 2
+    r = monai_run("train", "--max_epochs", 3, "--epoch_length", 2, "--val_interval", 1, "--ckpt_dir", ft,
+                  "--pretrained_ckpt", runs["pretrain"] / "pretrained.pt", "--label_fraction", 0.2)
+    out = r.stdout + r.stderr
+    assert "resumed from" in out
+    assert "Epoch[3] Complete" in out and "Epoch[1] Complete" not in out
+    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["epoch"] == 3
+
+
+def test_evaluate_writes_dice_and_hd95_per_region(runs):
+    m = json.loads((runs["eval"] / "metrics.json").read_text())
+    assert m["num_cases"] == 4 and len(m["per_case"]) == 4
+    assert set(m["dice"]) == {"TC", "WT", "ET"} and set(m["hd95"]) == {"TC", "WT", "ET"}
+    assert 0.0 <= m["mean_dice"] <= 1.0
+    assert m["mean_dice"] == pytest.approx(np.mean([v for v in m["dice"].values()]), abs=1e-5)
+
+
+def test_inference_writes_label_maps_with_the_input_affine(runs, brats_copy):
+    src = brats_copy(2)
+    out = runs["root"] / "pred"
+    monai_run("inference", "--ckpt_dir", runs["train"], "--dataset_dir", src, "--output_dir", out)
+    for case in sorted(p for p in src.iterdir() if p.is_dir()):
+        pred = nib.load(out / f"{case.name}_seg.nii.gz")
+        ref = nib.load(case / f"{case.name}_flair.nii.gz")
+        assert pred.shape == ref.shape
+        np.testing.assert_allclose(pred.affine, ref.affine, atol=1e-4)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+
+
+def test_medssl_run_wraps_the_bundle_runner(runs):
+    out = runs["root"] / "eval2"
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "run", "context_restoration", "evaluate",
+                        "--ckpt_dir", str(runs["train"]), "--output_dir", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((runs["eval"] / "metrics.json").read_text())
+
+
+def test_fine_tune_from_a_checkpoint_of_another_network_stops_before_training(runs, tmp_path):
+    from monai.networks.nets import UNet
+
+    other = tmp_path / "other.pt"
+    torch.save(UNet(2, 1, 2, (8, 16), (2,)).state_dict(), other)
+    r = monai_run("train", *TINY, "--ckpt_dir", tmp_path / "ft", "--pretrained_ckpt", other, check=False)
+    assert r.returncode != 0
+    assert f"{other}: checkpoint of another network" in r.stderr
+    assert not (tmp_path / "ft").exists(), "training started"
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "run", "context_restoration", "train",
+                        "--ckpt_dir", str(tmp_path / "ft"), "--pretrained_ckpt", str(other)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("medssl run context_restoration train: CheckpointMismatchError")
+
+
+def test_bad_data_stops_before_training(brats_copy, tmp_path):
+    root = brats_copy(6)
+    bad = case_file(root, "seg", 1)
+    img = nib.load(bad)
+    arr = np.asarray(img.dataobj).copy()
+    arr[arr == 2] = 3
+    nib.save(nib.Nifti1Image(arr, img.affine), bad)
+    r = monai_run("train", *TINY, "--init", "baseline", "--dataset_dir", root, "--ckpt_dir", tmp_path / "ft",
+                  check=False)
+    assert r.returncode != 0
+    assert f"{bad}: unknown label values [3]" in r.stderr
+    assert not (tmp_path / "ft").exists()
+
+
+def test_verify_metadata_net_in_out_and_torchscript_export(runs, tmp_path):
+    from medssl import SCHEMA_FILE
+
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                        str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA_FILE)], capture_output=True, text=True)
+    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+                        "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu"],
+                       cwd=BUNDLE, capture_output=True, text=True)
+    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
+    ts = tmp_path / "model.ts"
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+                        "--ckpt_file", str(runs["train"] / "model.pt"), "--meta_file", "configs/metadata.json",
+                        "--config_file", "configs/inference.json"], cwd=BUNDLE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    net = torch.jit.load(str(ts))
+    x = torch.randn(1, 4, 64, 64, 64)
+    from monai.networks.nets import UNet
+
+    ref = UNet(3, 4, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=0)
+    ref.load_state_dict(torch.load(runs["train"] / "model.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_multi_gpu_config_trains_with_torchrun_on_cpu(runs, tmp_path):
+    """Two gloo processes on CPU: DDP over the network, DistributedSampler, rank-0 handlers only."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "monai.bundle", "run", "--config_file",
+           f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+           "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1", "--ckpt_dir", str(tmp_path / "ddp"),
+           "--pretrained_ckpt", str(runs["pretrain"] / "pretrained.pt"), "--label_fraction", "0.2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert (tmp_path / "ddp" / "model.pt").is_file()
+    state = torch.load(tmp_path / "ddp" / "model.pt")
+    assert not any(k.startswith("module.") for k in state), "model.pt must hold the bare network"

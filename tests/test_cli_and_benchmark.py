@@ -1,0 +1,39 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from medssl.apps.benchmark import run_benchmark
+
+
+def test_bundles_lists_context_restoration():
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "bundles"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "context_restoration" in r.stdout and "pretrain, train, evaluate, inference" in r.stdout
+    assert "Chen" in r.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
+    out = tmp_path / "bench"
+    res = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",
+                        out=str(out), progress=False, logging_file=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["bundle"] == "context_restoration" and saved["dataset"] == "brats18_2mm"
+    assert {r["init"] for r in saved["runs"]} == {"method", "baseline"}
+    for r in saved["runs"]:
+        assert {"init", "fraction", "seed", "mean_dice", "dice", "train_seconds"} <= set(r)
+        assert set(r["dice"]) == {"TC", "WT", "ET"} and r["fraction"] == 0.2 and r["seed"] == 0
+    md = (out / "results.md").read_text()
+    assert "| 0.2 | 2 | method |" in md and "fraction 0.2: pretraining" in md
+    assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    # finished runs are kept: a second call resumes without training again
+    again = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",
+                          out=str(out), progress=False, logging_file=False)
+    assert again["runs"] == res["runs"]
+
+
+def test_benchmark_rejects_unknown_budget(brats_dir, tmp_path):
+    with pytest.raises(ValueError, match="budget must be one of"):
+        run_benchmark("context_restoration", str(brats_dir), budget="huge", out=str(tmp_path))
