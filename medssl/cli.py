@@ -93,18 +93,21 @@ class CLI:
             raise SystemExit(2) from None
 
     def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", seeds="0,1,2",
-                  budget: str = "small", out: str = "benchmark_out", fetch: bool = False):
-        """Method vs baseline at each label fraction and seed; writes results.json/.md and label_efficiency.png."""
+                  budget: str = "small", out: str = "benchmark_out"):
+        """Method vs baseline at each label fraction and seed; writes results.json/.md and label_efficiency.png.
+
+        Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
+        sample first where it is absent."""
         from .apps.benchmark import BENCHMARKS, run_benchmark
         from .data import ensure_sample
         from .utils import data_root
 
         if data_dir is None:
-            dataset = BENCHMARKS[bundle].dataset if bundle in BENCHMARKS else ""
-            data_dir = str(ensure_sample(data_root(), dataset) if fetch else data_root() / dataset)
-        res = run_benchmark(bundle, data_dir, fractions, seeds, budget, out)
+            if bundle not in BENCHMARKS:
+                raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
+            data_dir = str(ensure_sample(data_root(), BENCHMARKS[bundle].dataset))
+        run_benchmark(bundle, data_dir, fractions, seeds, budget, out)
         print(Path(out, "results.md").read_text())
-        return None if res else None
 
 
 def _input_error(e: BaseException):
