@@ -170,7 +170,7 @@ def bench_training(crops: list[MetaTensor], steps: int, warmup: int, seed: int, 
         loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     def supervised(i: int) -> tuple[float, float]:
         t0 = time.perf_counter()
