@@ -21,6 +21,11 @@ Rows
      the corruption in the pretraining step. The two kinds of step are interleaved so that they
      see the same background load.
 
+Transform rows are timed at each of ``--transform_threads`` torch thread counts (default: 1, as in a
+DataLoader worker and the headline; then all cores, as in the bundle's ``num_workers=0`` main
+process), interleaved in ``--rounds`` rounds so that all contenders share the background load. A
+per-stage breakdown of ``RandContextSwap`` (foreground mask / patch placement / clone + swap) follows.
+
 Data: ``--data_dir`` or ``$MEDSSL_DATA_DIR/brats18_2mm`` or ``<repo>/../shared/data/brats18_2mm``,
 layout ``<case>/<case>_{flair,t1,t1ce,t2}.nii.gz``; preprocessed as the bundle does (channel-first
 stack, RAS, z-normalisation of nonzero voxels per channel, pad to >= 64^3, random 64^3 crops).

@@ -21,11 +21,24 @@ from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import ensure_tuple_rep
 
 
-def _default_select(img: NdarrayOrTensor) -> NdarrayOrTensor:
+def _raw(img: NdarrayOrTensor):
+    """A plain view of ``img`` sharing its memory: numpy for numpy and CPU tensors, a bare tensor
+    otherwise. Slicing MetaTensors costs a metadata copy per slice, so the swaps work on this view."""
+    if isinstance(img, torch.Tensor):
+        t = img.as_tensor() if hasattr(img, "as_tensor") else img
+        return t.detach().numpy() if t.device.type == "cpu" else t
+    return img
+
+
+def _default_select(img: NdarrayOrTensor) -> np.ndarray:
     """Foreground = voxels where any channel differs from that channel's minimum (the background)."""
-    flat = img.reshape(img.shape[0], -1)
-    mins = flat.min(1).values if isinstance(flat, torch.Tensor) else flat.min(1)
-    return (img != mins.reshape((-1,) + (1,) * (img.ndim - 1))).any(0)
+    a = _raw(img)
+    a = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    mins = a.reshape(a.shape[0], -1).min(1)
+    mask = a[0] != mins[0]
+    for c in range(1, a.shape[0]):
+        mask |= a[c] != mins[c]
+    return mask
 
 
 class RandContextSwap(RandomizableTransform):
@@ -37,7 +50,7 @@ class RandContextSwap(RandomizableTransform):
         prob: probability of corrupting at all (the paper corrupts every sample: 1.0).
         foreground_only: restrict patch centres to foreground voxels (see ``select_fn``), so that
             swaps do not just exchange empty background.
-        select_fn: maps a channel-first image to a spatial boolean foreground mask.
+        select_fn: maps a channel-first image to a spatial boolean foreground mask (numpy or torch).
         max_attempts: candidate positions drawn per patch before giving up with a ``ValueError``.
 
     Every patch (of every pair) is disjoint from every other, so the output is a permutation of
@@ -80,10 +93,11 @@ class RandContextSwap(RandomizableTransform):
         if self.foreground_only:
             mask = self.select_fn(img)
             mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-            centres = np.argwhere(mask)
-            if len(centres) == 0:
+            flat = np.flatnonzero(mask)
+            if len(flat) == 0:
                 raise ValueError("foreground_only=True but the image has no foreground voxel")
-            cand = centres[self.R.randint(0, len(centres), size=m)] - patch // 2
+            picked = flat[self.R.randint(0, len(flat), size=m)]
+            cand = np.stack(np.unravel_index(picked, mask.shape), axis=1) - patch // 2
             cand = np.clip(cand, 0, high - 1)
         else:
             cand = (self.R.random_sample((m, len(spatial))) * high).astype(int)
@@ -109,12 +123,13 @@ class RandContextSwap(RandomizableTransform):
         if len(corners) == 0:
             return out
         patch = self._patch(img.shape[1:])
+        view = _raw(out)  # same memory as ``out``
         for a, b in corners:
             sa = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(a, patch))
             sb = (slice(None),) + tuple(slice(s, s + p) for s, p in zip(b, patch))
-            tmp = out[sa].clone() if isinstance(out, torch.Tensor) else out[sa].copy()
-            out[sa] = out[sb]
-            out[sb] = tmp
+            tmp = view[sa].clone() if isinstance(view, torch.Tensor) else view[sa].copy()
+            view[sa] = view[sb]
+            view[sb] = tmp
         return out
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
