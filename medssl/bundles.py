@@ -38,7 +38,8 @@ def list_bundles() -> list[dict]:
 
 def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, **overrides):
     """Run ``configs/<stage>.json`` of ``bundle`` exactly as ``python -m monai.bundle run`` does, with
-    ``bundle_root`` set to the bundle's absolute path unless overridden."""
+    ``bundle_root`` set to the bundle's absolute path unless overridden. ``multi_gpu_train`` is
+    layered over ``train.json`` as the model zoo does (start it under ``torchrun``)."""
     from monai.bundle import run
 
     root = bundle_path(bundle)
@@ -49,5 +50,6 @@ def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, *
     overrides.setdefault("bundle_root", str(root))
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")
-    return run(config_file=str(config), meta_file=str(root / "configs" / "metadata.json"),
+    files = [str(root / "configs" / "train.json"), str(config)] if stage == "multi_gpu_train" else str(config)
+    return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
                logging_file=logging_file, **overrides)
