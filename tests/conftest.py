@@ -43,3 +43,36 @@ def brats_copy(tmp_path, brats_dir):
 def case_file(root: Path, modality: str, index: int = 0) -> Path:
     case = sorted(p for p in root.iterdir() if p.is_dir())[index]
     return case / f"{case.name}_{modality}.nii.gz"
+
+
+def nifti_to_dicom_series(src: Path, out: Path) -> Path:
+    """Write a real NIfTI volume as an MR DICOM series (one file per slice, LPS geometry kept)."""
+    import itk
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    img = itk.imread(str(src), itk.SS)  # ITK works in LPS physical space, as DICOM does
+    arr = itk.array_view_from_image(img)  # (z, y, x)
+    spacing, direction = list(itk.spacing(img)), np.asarray(img.GetDirection())
+    out.mkdir(parents=True)
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    for k in range(arr.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.Modality, ds.PatientID, ds.InstanceNumber = "MR", "medssl-test", k + 1
+        ds.ImagePositionPatient = [float(v) for v in img.TransformIndexToPhysicalPoint([0, 0, k])]
+        ds.ImageOrientationPatient = [float(v) for v in list(direction[:, 0]) + list(direction[:, 1])]
+        ds.PixelSpacing, ds.SliceThickness = [float(spacing[1]), float(spacing[0])], float(spacing[2])
+        ds.Rows, ds.Columns = arr.shape[1], arr.shape[2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(arr[k]).astype("<i2").tobytes()
+        ds.save_as(out / f"IM{k:04d}.dcm", enforce_file_format=True)
+    return out

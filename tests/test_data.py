@@ -206,3 +206,22 @@ def test_prepare_crops_and_resamples_a_1mm_case(tmp_path, brats_dir):
     assert all(abs(a - b) <= 4 for a, b in zip(got.shape, orig.shape)), (got.shape, orig.shape)
     seg = np.asarray(nib.load(prepared / f"{case.name}_seg.nii.gz").dataobj)
     assert set(np.unique(seg)) <= {0, 1, 2, 4} and (seg > 0).sum() > 0.8 * (np.asarray(nib.load(case / f"{case.name}_seg.nii.gz").dataobj) > 0).sum()
+
+
+def test_a_modality_given_as_dicom_series_is_read_and_checked(brats_copy):
+    from monai.transforms import LoadImage
+
+    from conftest import nifti_to_dicom_series
+
+    root = brats_copy(2)
+    nii = case_file(root, "t1ce")
+    series = nifti_to_dicom_series(nii, nii.parent / nii.name.replace(".nii.gz", ""))
+    ref = LoadImage(image_only=True)(str(nii))
+    nii.unlink()
+    case = brats_cases(root)[0]
+    assert case["image"][2] == str(series)
+    assert check_dataset_dir(root) == []
+    for reader in ("ITKReader", "PydicomReader"):
+        img = LoadImage(image_only=True, reader=reader)(str(series))
+        np.testing.assert_array_equal(np.asarray(img), np.asarray(ref))
+        np.testing.assert_allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-3)
