@@ -1,1 +1,5 @@
 """Losses of the medssl methods (context restoration uses torch's MSELoss, its L2 loss)."""
+
+from .lesion_contrastive import LesionAwareContrastiveLoss
+
+__all__ = ["LesionAwareContrastiveLoss"]
