@@ -45,7 +45,7 @@ def test_pretrain_writes_checkpoints(runs):
     assert (runs["pretrain"] / "pretrained.pt").is_file()
     state = torch.load(runs["pretrain"] / "pretrain_checkpoint.pt", weights_only=False)
     assert {"network", "optimizer", "lr_scheduler", "trainer"} <= set(state)
-    assert state["trainer"]["epoch"] == 1
+    assert state["trainer"]["iteration"] == 2  # 1 epoch x 2 iterations
     assert not list(runs["pretrain"].glob(".*.tmp")), "a temp file was left behind"
 
 
@@ -69,13 +69,13 @@ def test_fine_tune_starts_from_the_pretrained_weights(runs):
 def test_train_saves_best_model_and_resumes(runs):
     ft = runs["train"]
     assert (ft / "model.pt").is_file()
-    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["epoch"] == 2
+    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 4
     r = monai_run("train", "--max_epochs", 3, "--epoch_length", 2, "--val_interval", 1, "--ckpt_dir", ft,
                   "--pretrained_ckpt", runs["pretrain"] / "pretrained.pt", "--label_fraction", 0.2)
     out = r.stdout + r.stderr
     assert "resumed from" in out
     assert "Epoch[3] Complete" in out and "Epoch[1] Complete" not in out
-    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["epoch"] == 3
+    assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 6
 
 
 def test_evaluate_writes_dice_and_hd95_per_region(runs):

@@ -58,8 +58,10 @@ class ResumableCheckpoint:
         if not (self.resume and self.path.is_file()):
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        max_epochs = engine.state.max_epochs  # this run's budget, not the interrupted run's
         Checkpoint.load_objects(to_load=self.save_dict, checkpoint=ckpt)
-        logger.info("resumed from %s at epoch %d", self.path, engine.state.epoch)
+        engine.state.max_epochs = max(max_epochs, engine.state.epoch)
+        logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
 
     def save(self, engine) -> None:
         state = {k: (_unwrap(v) if isinstance(v, torch.nn.Module) else v).state_dict() for k, v in self.save_dict.items()}
