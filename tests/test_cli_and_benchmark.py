@@ -21,6 +21,7 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
                         out=str(out), progress=False, logging_file=False)
     saved = json.loads((out / "results.json").read_text())
     assert saved["bundle"] == "context_restoration" and saved["dataset"] == "brats18_2mm"
+    assert saved["peak_rss_mb"] > 100
     assert {r["init"] for r in saved["runs"]} == {"method", "baseline"}
     for r in saved["runs"]:
         assert {"init", "fraction", "seed", "mean_dice", "dice", "train_seconds"} <= set(r)

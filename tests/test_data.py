@@ -225,3 +225,11 @@ def test_a_modality_given_as_dicom_series_is_read_and_checked(brats_copy):
         img = LoadImage(image_only=True, reader=reader)(str(series))
         np.testing.assert_array_equal(np.asarray(img), np.asarray(ref))
         np.testing.assert_allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-3)
+
+
+def test_ensure_sample_uses_a_present_copy_without_downloading(monkeypatch, brats_dir):
+    def no_download(*a, **k):
+        raise AssertionError("downloaded although the sample is present")
+
+    monkeypatch.setattr(sample, "download", no_download)
+    assert sample.ensure_sample(brats_dir.parent, brats_dir.name) == brats_dir

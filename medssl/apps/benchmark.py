@@ -125,10 +125,18 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
             results.setdefault("pretrain_seconds", {})[str(seed)] = round(json.loads(pre_t.read_text())["pretrain_seconds"], 1)
     bar.close()
     results["summary"] = summarise(results["runs"], fractions, spec.inits, spec.regions)
+    results["peak_rss_mb"] = _peak_rss_mb()
     atomic_write_json(results, out_dir / "results.json")
     atomic_write_text(results_markdown(results, spec.regions), out_dir / "results.md")
     plot_label_efficiency(results, out_dir / "label_efficiency.png")
     return results
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _stats(values):
