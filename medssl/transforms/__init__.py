@@ -1,6 +1,7 @@
 """MONAI-style array and dictionary transforms of the medssl methods."""
 
 from .context_swap import RandContextSwap, RandContextSwapd
+from .channels import AsChannels, AsChannelsd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
 
-__all__ = ["RandContextSwap", "RandContextSwapd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
