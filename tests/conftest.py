@@ -76,3 +76,57 @@ def nifti_to_dicom_series(src: Path, out: Path) -> Path:
         ds.PixelData = np.ascontiguousarray(arr[k]).astype("<i2").tobytes()
         ds.save_as(out / f"IM{k:04d}.dcm", enforce_file_format=True)
     return out
+
+
+# --- ways to damage a copy of real cases: each returns (damaged file, expected words in the message) ---
+
+def _rewrite(path: Path, edit):
+    import nibabel as nib
+    import numpy as np
+
+    img = nib.load(path)
+    arr, affine = edit(np.asarray(img.dataobj).copy(), img.affine.copy())
+    nib.save(nib.Nifti1Image(arr, affine), path)
+
+
+def damage_missing_t1ce(root):
+    f = case_file(root, "t1ce")
+    f.unlink()
+    return f, "missing (expected modalities flair, t1, t1ce, t2 and seg"
+
+
+def damage_shape(root):
+    f = case_file(root, "t2")
+    _rewrite(f, lambda a, aff: (a[:-3], aff))
+    return f, "differs from"
+
+
+def damage_spacing(root):
+    f = case_file(root, "t1")
+
+    def edit(a, aff):
+        aff[:3, :3] *= 1.5
+        return a, aff
+
+    _rewrite(f, edit)
+    return f, "spacing"
+
+
+def damage_label(root):
+    f = case_file(root, "seg")
+
+    def edit(a, aff):
+        a[a == 1] = 3
+        return a, aff
+
+    _rewrite(f, edit)
+    return f, "unknown label values [3]; expected a subset of [0, 1, 2, 4]"
+
+
+def damage_truncate(root):
+    f = case_file(root, "flair", 1)
+    f.write_bytes(f.read_bytes()[:5000])
+    return f, "truncated or corrupt"
+
+
+DAMAGES = [damage_missing_t1ce, damage_shape, damage_spacing, damage_label, damage_truncate]

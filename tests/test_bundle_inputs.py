@@ -3,15 +3,13 @@ bad input surfaces as the medssl error (naming the file) behind MONAI's config-e
 
 import json
 
-import nibabel as nib
-import numpy as np
 import pytest
 
 from monai.bundle import ConfigParser
 
 from medssl.data import DataError, brats_cases, make_split, write_datalist
 
-from conftest import REPO, case_file
+from conftest import DAMAGES, REPO
 
 CONFIGS = REPO / "bundles" / "context_restoration" / "configs"
 
@@ -22,37 +20,9 @@ def _cause(e):
     return e
 
 
-def damage_missing_t1ce(root):
-    f = case_file(root, "t1ce")
-    f.unlink()
-    return f, "missing"
-
-
-def damage_shape(root):
-    f = case_file(root, "t2")
-    img = nib.load(f)
-    nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :-2], img.affine), f)
-    return f, "differs from"
-
-
-def damage_label(root):
-    f = case_file(root, "seg")
-    img = nib.load(f)
-    arr = np.asarray(img.dataobj).copy()
-    arr[arr == 4] = 3
-    nib.save(nib.Nifti1Image(arr, img.affine), f)
-    return f, "unknown label values [3]"
-
-
-def damage_truncate(root):
-    f = case_file(root, "t1")
-    f.write_bytes(f.read_bytes()[:5000])
-    return f, "truncated or corrupt"
-
-
 @pytest.mark.parametrize("stage,item", [("train", "train#dataset#data"), ("pretrain", "train#dataset#data"),
                                         ("evaluate", "validate#dataset#data")])
-@pytest.mark.parametrize("damage", [damage_missing_t1ce, damage_shape, damage_label, damage_truncate])
+@pytest.mark.parametrize("damage", DAMAGES, ids=lambda d: d.__name__)
 def test_stage_refuses_bad_cases(brats_copy, stage, item, damage):
     root = brats_copy(6)
     bad, expectation = damage(root)
