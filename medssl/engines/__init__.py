@@ -1,5 +1,6 @@
 """Training engines and handlers (MONAI's SupervisedTrainer/Evaluator do the training itself)."""
 
+from .barlow_twins import BarlowTwinsIteration, BarlowTwinsNet
 from .handlers import BestModelSaver, LoadCheckpoint, MetricsReport, ResumableCheckpoint
 
-__all__ = ["BestModelSaver", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]
+__all__ = ["BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

@@ -2,6 +2,7 @@
 
 from .context_swap import RandContextSwap, RandContextSwapd
 from .channels import AsChannels, AsChannelsd
+from .views import RandTwoViewsd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
 
-__all__ = ["AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]

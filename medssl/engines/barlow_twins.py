@@ -1,0 +1,72 @@
+"""Barlow Twins pretraining (Zbontar et al., ICML 2021) on MONAI's SupervisedTrainer.
+
+``BarlowTwinsNet`` wraps any backbone with an ``encode(x)`` method (e.g. :class:`medssl.networks.DFRUNet`)
+with global average pooling and a projector MLP; ``BarlowTwinsIteration`` is the trainer's
+``iteration_update``: both augmented views go through the network and ``monai.losses.BarlowTwinsLoss``
+compares their projections.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from monai.engines.utils import IterationEvents
+
+
+class BarlowTwinsNet(nn.Module):
+    """``backbone.encode(x)`` -> global average pool -> projector (Linear-BN-ReLU ... Linear).
+
+    Input ``(B, C, *spatial)`` -> projections ``(B, projector_dims[-1])``.
+    """
+
+    def __init__(self, backbone: nn.Module, in_features: int, projector_dims: Sequence[int] = (512, 512)):
+        super().__init__()
+        self.backbone = backbone
+        layers: list[nn.Module] = []
+        dims = [in_features, *projector_dims]
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b, bias=i == len(dims) - 2))
+            if i < len(dims) - 2:
+                layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
+        self.projector = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone.encode(x)
+        return self.projector(f.flatten(2).mean(2))
+
+
+class BarlowTwinsIteration:
+    """``iteration_update`` of a ``SupervisedTrainer`` whose batches hold two views of each image.
+
+    Args:
+        keys: the batch keys of the two views.
+        batch_size: the configured batch size; Barlow Twins normalises over the batch, so < 2 is refused
+            here, when the config is parsed, before anything trains.
+    """
+
+    def __init__(self, keys: Sequence[str] = ("view1", "view2"), batch_size: int = 2):
+        if int(batch_size) < 2:
+            raise ValueError(f"Barlow Twins needs a batch size of at least 2 (it normalises each projection "
+                             f"feature over the batch); got batch_size={batch_size}")
+        self.keys = tuple(keys)
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        v1, v2 = (batchdata[k].to(engine.state.device if hasattr(engine.state, "device") else engine.device)
+                  for k in self.keys)
+        if v1.shape[0] < 2:
+            raise ValueError(f"Barlow Twins got a batch of {v1.shape[0]} image(s); it needs at least 2 "
+                             f"(set drop_last=True in the DataLoader)")
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        z1, z2 = engine.network(v1), engine.network(v2)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        loss = engine.loss_function(z1, z2)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {"loss": loss.detach(), "pred": z1.detach(), "label": z2.detach()}
