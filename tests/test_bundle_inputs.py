@@ -55,3 +55,20 @@ def test_empty_dir_and_datalist_naming_missing_file(tmp_path, brats_dir):
     err = _cause(e.value)
     assert "Gone_1_seg.nii.gz: missing" in str(err) and str(dl) in str(err)
     assert json.loads(dl.read_text())["validation"][0]["label"].endswith("Gone_1_seg.nii.gz")
+
+
+@pytest.mark.parametrize("config,workflow_type", [("train.json", "train"), ("inference.json", "infer"),
+                                                  ("evaluate.json", "infer")])
+def test_configs_expose_the_ids_monai_tools_read(config, workflow_type):
+    """MONAI's own property check (what MONAI Label and the model zoo rely on) finds every id."""
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.properties import InferProperties, TrainProperties
+
+    wf = ConfigWorkflow(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
+                        logging_file=False, workflow_type=workflow_type, init="baseline")
+    wf.initialize()
+    assert wf.check_properties() == []
+    props = TrainProperties if workflow_type == "train" else InferProperties
+    assert [p["bundle_id"] for p in props.values() if p.get("bundle_id") and p["bundle_id"] not in wf.parser] == []
+    for key in ("network_def", "network", "bundle_root", "device", "dataset_dir", "run", "initialize", "finalize"):
+        assert key in wf.parser
