@@ -40,6 +40,18 @@ def brats_copy(tmp_path, brats_dir):
     return make
 
 
+def monai_run(configs: Path, stage: str, *args, check: bool = True):
+    """``python -m monai.bundle run --config_file <configs>/<stage>.json ARGS`` from the repository root."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / f"{stage}.json"), *map(str, args)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    if check:
+        assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
 def case_file(root: Path, modality: str, index: int = 0) -> Path:
     case = sorted(p for p in root.iterdir() if p.is_dir())[index]
     return case / f"{case.name}_{modality}.nii.gz"

@@ -33,7 +33,7 @@ def test_barlow_twins_iteration_trains_the_backbone():
                                 optimizer=torch.optim.Adam(net.parameters(), 1e-3), loss_function=BarlowTwinsLoss(),
                                 iteration_update=BarlowTwinsIteration(batch_size=4))
     trainer.run()
-    assert trainer.state.iteration == 6 and torch.isfinite(torch.as_tensor(trainer.state.output["loss"]))
+    assert trainer.state.iteration == 6 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, net.backbone.parameters()))
 
 

@@ -3,17 +3,15 @@ on the real BraTS sample, with a tiny budget (the numbers mean nothing; the wiri
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, damage_label
+from conftest import REPO, monai_run as bundle_run, damage_label
 
 BUNDLE = REPO / "bundles" / "context_restoration"
 CONFIGS = BUNDLE / "configs"
@@ -23,11 +21,7 @@ pytestmark = pytest.mark.slow
 
 
 def monai_run(stage, *args, check=True):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / f"{stage}.json"), *map(str, args)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
-    if check:
-        assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return r
+    return bundle_run(CONFIGS, stage, *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -57,14 +57,16 @@ def test_empty_dir_and_datalist_naming_missing_file(tmp_path, brats_dir):
     assert json.loads(dl.read_text())["validation"][0]["label"].endswith("Gone_1_seg.nii.gz")
 
 
+@pytest.mark.parametrize("bundle", ["context_restoration", "dfr_barlow"])
 @pytest.mark.parametrize("config,workflow_type", [("train.json", "train"), ("inference.json", "infer"),
                                                   ("evaluate.json", "infer")])
-def test_configs_expose_the_ids_monai_tools_read(config, workflow_type):
+def test_configs_expose_the_ids_monai_tools_read(bundle, config, workflow_type):
     """MONAI's own property check (what MONAI Label and the model zoo rely on) finds every id."""
     from monai.bundle import ConfigWorkflow
     from monai.bundle.properties import InferProperties, TrainProperties
 
-    wf = ConfigWorkflow(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
+    configs = REPO / "bundles" / bundle / "configs"
+    wf = ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
                         logging_file=False, workflow_type=workflow_type, init="baseline")
     wf.initialize()
     assert wf.check_properties() == []

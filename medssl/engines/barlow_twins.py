@@ -59,14 +59,17 @@ class BarlowTwinsIteration:
         if v1.shape[0] < 2:
             raise ValueError(f"Barlow Twins got a batch of {v1.shape[0]} image(s); it needs at least 2 "
                              f"(set drop_last=True in the DataLoader)")
+        # filled before the events fire, as in MONAI's own _iteration (handlers read it there)
+        out = engine.state.output = {}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        z1, z2 = engine.network(v1), engine.network(v2)
+        out["pred"], out["label"] = engine.network(v1), engine.network(v2)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        loss = engine.loss_function(z1, z2)
+        out["loss"] = engine.loss_function(out["pred"], out["label"])
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        loss.backward()
+        out["loss"].backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
+        out.update({k: v.detach() for k, v in out.items()})
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return {"loss": loss.detach(), "pred": z1.detach(), "label": z2.detach()}
+        return engine.state.output

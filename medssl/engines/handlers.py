@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -134,9 +133,15 @@ class MetricsReport:
     """
 
     def __init__(self, output_file: str, regions: Sequence[str], metrics: Sequence[str] = ("dice", "hd95"),
-                 case_key: str = "case", extra: Mapping | None = None):
+                 case_key: str = "case", extra: Mapping | None = None,
+                 metric_regions: Mapping[str, Sequence[str]] | None = None, aggregate: Sequence[str] = ()):
+        """``metric_regions`` names the channels of a metric whose channels differ from ``regions``
+        (e.g. an IoU that includes the background); ``aggregate`` lists metrics reported as the
+        engine's aggregated value only (e.g. precision from a confusion matrix over the whole set)."""
         self.output_file = output_file
         self.regions = list(regions)
+        self.metric_regions = {k: list(v) for k, v in (metric_regions or {}).items()}
+        self.aggregate = list(aggregate)
         self.metrics = list(metrics)
         self.case_key = case_key
         self.extra = dict(extra or {})
@@ -160,15 +165,19 @@ class MetricsReport:
             details = engine.state.metric_details.get(metric)
             if details is None:
                 continue
-            values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, len(self.regions))
+            regions = self.metric_regions.get(metric, self.regions)
+            values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, len(regions))
             values[torch.isinf(values)] = torch.nan
             per_region = values.nanmean(0)
             report["num_cases"] = int(values.shape[0])
-            report[metric] = {r: _num(v) for r, v in zip(self.regions, per_region)}
+            report[metric] = {r: _num(v) for r, v in zip(regions, per_region)}
             report[f"mean_{metric}"] = _num(per_region.nanmean())
             report.setdefault("per_case", [{"case": c} for c in self.cases[: values.shape[0]]])
             for row, vals in zip(report["per_case"], values):
-                row[metric] = {r: _num(v) for r, v in zip(self.regions, vals)}
+                row[metric] = {r: _num(v) for r, v in zip(regions, vals)}
+        for metric in self.aggregate:
+            if metric in engine.state.metrics:
+                report[metric] = _num(engine.state.metrics[metric])
         report.update(self.extra)
         atomic_write_json(report, self.output_file)
         logger.info("metrics: %s -> %s", {k: v for k, v in report.items() if k.startswith("mean_")}, self.output_file)

@@ -41,6 +41,17 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class DecoderLevel(nn.Module):
+    """Upsample, concatenate the (optionally compressed) skip features, conv block."""
+
+    def __init__(self, up: nn.Module, skip: nn.Module, block: nn.Module):
+        super().__init__()
+        self.up, self.skip, self.block = up, skip, block
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.cat([self.up(x), self.skip(skip)], dim=1))
+
+
 class DFRUNet(nn.Module):
     """Attention U-Net of the deep-feature-refinement method, for 2D or 3D.
 
@@ -81,20 +92,17 @@ class DFRUNet(nn.Module):
             cin = c
         self.bottleneck = (DilatedContextBlock(spatial_dims, cin, channels[-1], act=act, norm=norm, dropout=dropout)
                            if dilation else block(cin, channels[-1]))
-        self.skips = nn.ModuleList(
-            Conv[Conv.CONV, spatial_dims](c, c // 2, 1) if compression else nn.Identity() for c in channels[:-1])
-        self.ups = nn.ModuleList()
-        self.decoders = nn.ModuleList()
+        self.decoders = nn.ModuleList()  # deepest first
         cprev = channels[-1]
         for c in reversed(channels[:-1]):
-            self.ups.append(Convolution(spatial_dims, cprev, c, strides=2, kernel_size=3, act=act, norm=norm,
-                                        is_transposed=True))
-            self.decoders.append(block(c + (c // 2 if compression else c), c))
+            up = Convolution(spatial_dims, cprev, c, strides=2, kernel_size=3, act=act, norm=norm, is_transposed=True)
+            skip = Conv[Conv.CONV, spatial_dims](c, c // 2, 1) if compression else nn.Identity()
+            self.decoders.append(DecoderLevel(up, skip, block(c + (c // 2 if compression else c), c)))
             cprev = c
         self.head = Conv[Conv.CONV, spatial_dims](channels[0], out_channels, 1)
 
-    def _encode(self, x: torch.Tensor):
-        skips = []
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips: list[torch.Tensor] = []
         for enc, down in zip(self.encoders, self.downs):
             x = enc(x)
             skips.append(x)
@@ -106,8 +114,8 @@ class DFRUNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, skips = self._encode(x)
-        for up, dec, skip, s in zip(self.ups, self.decoders, reversed(self.skips), reversed(skips)):
-            x = dec(torch.cat([up(x), skip(s)], dim=1))
+        for i, level in enumerate(self.decoders):
+            x = level(x, skips[-1 - i])
         return self.head(x), x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

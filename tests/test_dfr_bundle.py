@@ -1,0 +1,129 @@
+"""dfr_barlow end to end on real DSB 2018 nuclei, tiny budget, on a 30-image datalist."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medssl.data import DataError, bundle_datalist, make_split, nuclei_cases, write_datalist
+from medssl.networks import DFRUNet
+
+from conftest import REPO, monai_run as bundle_run
+
+BUNDLE = REPO / "bundles" / "dfr_barlow"
+CONFIGS = BUNDLE / "configs"
+TINY = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "4"]
+
+pytestmark = pytest.mark.slow
+
+
+def monai_run(stage, *args, check=True):
+    return bundle_run(CONFIGS, stage, *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, nuclei_dir):
+    root = tmp_path_factory.mktemp("dfr")
+    split = make_split(nuclei_cases(nuclei_dir)[:30], label_fraction=0.2, seed=0)
+    dl = write_datalist(split, root / "datalist.json", nuclei_dir)
+    common = ["--dataset_dir", nuclei_dir, "--datalist_file", dl]
+    monai_run("pretrain", *TINY, *common, "--ckpt_dir", root / "pretrain")
+    monai_run("train", *TINY, *common, "--val_interval", 1, "--ckpt_dir", root / "train",
+              "--pretrained_ckpt", root / "pretrain" / "pretrained.pt")
+    monai_run("evaluate", *common, "--ckpt_dir", root / "train", "--output_dir", root / "eval")
+    return {"root": root, "datalist": dl, "split": split, "common": common}
+
+
+def test_pretraining_transfers_into_the_segmentation_network(runs):
+    pre = torch.load(runs["root"] / "pretrain" / "pretrained.pt")
+    fresh = DFRUNet(2, 1, 2).state_dict()
+    assert set(pre) == set(fresh), "pretrained.pt must hold the DFRUNet backbone, not the projector"
+    enc = [k for k in pre if k.startswith("encoders.0.")]
+    assert enc and not all(torch.equal(pre[k], fresh[k]) for k in enc)
+    state = torch.load(runs["root"] / "pretrain" / "pretrain_checkpoint.pt", weights_only=False)
+    assert any(k.startswith("projector.") for k in state["projector"])
+
+
+def test_evaluate_reports_the_papers_metrics(runs):
+    m = json.loads((runs["root"] / "eval" / "metrics.json").read_text())
+    assert m["num_cases"] == len(runs["split"]["test"])
+    for key in ("dice", "iou", "hd95"):
+        assert set(m[key]) == {"nucleus"}
+    assert set(m["miou"]) == {"background", "nucleus"}
+    assert 0 <= m["precision"] <= 1 and 0 <= m["mean_dice"] <= 1
+    assert m["mean_miou"] == pytest.approx((m["miou"]["background"] + m["miou"]["nucleus"]) / 2, abs=1e-5)
+
+
+def test_inference_writes_png_masks_for_rgba_rgb_and_grey_inputs(runs, nuclei_dir, tmp_path):
+    src = sorted((nuclei_dir / "images").glob("*.png"))[0]
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    for mode in ("RGBA", "RGB", "L"):
+        Image.open(src).convert(mode).save(tmp_path / "in" / "images" / f"{mode}.png")
+    monai_run("inference", "--ckpt_dir", runs["root"] / "train", "--dataset_dir", tmp_path / "in",
+              "--output_dir", tmp_path / "out")
+    masks = {m: np.asarray(Image.open(tmp_path / "out" / f"{m}_seg.png")) for m in ("RGBA", "RGB", "L")}
+    for m in masks.values():
+        assert m.shape == Image.open(src).size[::-1] and set(np.unique(m)) <= {0, 255}
+    assert np.array_equal(masks["RGBA"], masks["RGB"])
+
+
+def test_export_and_metadata(runs, tmp_path):
+    from medssl import SCHEMA_FILE
+
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                        str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA_FILE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
+                        "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu"],
+                       cwd=BUNDLE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ts = tmp_path / "model.ts"
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+                        "--ckpt_file", str(runs["root"] / "train" / "model.pt"), "--meta_file", "configs/metadata.json",
+                        "--config_file", "configs/inference.json"], cwd=BUNDLE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    net = DFRUNet(2, 1, 2)
+    net.load_state_dict(torch.load(runs["root"] / "train" / "model.pt"))
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts))(x), net.eval()(x))
+
+
+def test_barlow_twins_with_batch_size_one_stops_before_training(runs, tmp_path):
+    r = monai_run("pretrain", "--batch_size", 1, *runs["common"], "--ckpt_dir", tmp_path / "pre", check=False)
+    assert r.returncode != 0 and "Barlow Twins needs a batch size of at least 2" in r.stderr
+    assert not (tmp_path / "pre").exists()
+
+
+def _copy(nuclei_dir, tmp_path, n=3):
+    root = tmp_path / "nuclei"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    for p in sorted((nuclei_dir / "images").glob("*.png"))[:n]:
+        for sub in ("images", "labels"):
+            (root / sub / p.name).write_bytes((nuclei_dir / sub / p.name).read_bytes())
+    return root
+
+
+def test_label_of_another_size_is_refused(nuclei_dir, tmp_path):
+    root = _copy(nuclei_dir, tmp_path)
+    lab = sorted((root / "labels").glob("*.png"))[1]
+    im = Image.open(lab)
+    im.resize((im.size[0] // 2, im.size[1])).save(lab)
+    with pytest.raises(DataError) as e:
+        bundle_datalist(str(root), val_fraction=0, test_fraction=0)
+    assert f"{lab}: size" in str(e.value) and "expected the same height and width" in str(e.value)
+
+
+def test_label_with_several_channels_is_refused(nuclei_dir, tmp_path):
+    root = _copy(nuclei_dir, tmp_path)
+    lab = sorted((root / "labels").glob("*.png"))[0]
+    arr = (np.asarray(Image.open(lab)) > 0).astype(np.uint8) * 255
+    Image.fromarray(np.stack([arr] * 3, -1)).save(lab)
+    with pytest.raises(DataError) as e:
+        bundle_datalist(str(root), val_fraction=0, test_fraction=0)
+    assert f"{lab}: expected a single-channel label map" in str(e.value)
