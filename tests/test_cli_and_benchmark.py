@@ -27,7 +27,7 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
         assert {"init", "fraction", "seed", "mean_dice", "dice", "train_seconds"} <= set(r)
         assert set(r["dice"]) == {"TC", "WT", "ET"} and r["fraction"] == 0.2 and r["seed"] == 0
     md = (out / "results.md").read_text()
-    assert "| 0.2 | 2 | method |" in md and "fraction 0.2: pretraining" in md
+    assert "| 0.2 | 2 | method |" in md and "fraction 0.2: `method`" in md
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are kept: a second call resumes without training again
     again = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",
@@ -38,3 +38,23 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
 def test_benchmark_rejects_unknown_budget(brats_dir, tmp_path):
     with pytest.raises(ValueError, match="budget must be one of"):
         run_benchmark("context_restoration", str(brats_dir), budget="huge", out=str(tmp_path))
+
+
+@pytest.mark.slow
+def test_variants_share_pretrainings_and_each_gets_a_row(tmp_path, brats_dir, monkeypatch):
+    from medssl.apps import benchmark as bm
+
+    spec = bm.BENCHMARKS["context_restoration"]
+    custom = bm.BenchmarkSpec(dataset=spec.dataset, regions=spec.regions, budgets=spec.budgets,
+                              pretrainings={"t20": {}, "t2": {"num_swaps": 2}},
+                              variants={"method": bm.Variant({"init": "method"}, "t20"),
+                                        "two_swaps": bm.Variant({"init": "method"}, "t2"),
+                                        "baseline": bm.Variant({"init": "baseline"})})
+    monkeypatch.setitem(bm.BENCHMARKS, "context_restoration", custom)
+    res = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="1", budget="smoke",
+                        out=str(tmp_path), progress=False, logging_file=False)
+    assert [r["init"] for r in res["runs"]] == ["method", "two_swaps", "baseline"]
+    assert set(res["pretrain_seconds"]) == {"t2", "t20"}
+    assert (tmp_path / "seed1" / "pretrain_t2" / "pretrained.pt").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "`two_swaps`" in md and "`method`" in md

@@ -1,11 +1,13 @@
-"""``medssl benchmark``: label-efficiency of a method against its from-scratch baseline.
+"""``medssl benchmark``: label-efficiency of a method against its baseline and other variants.
 
-For each seed: one seeded split (train/validation/test; the labelled subsets are nested across
-fractions), one pretraining run on all training cases (labels unused), then for each label
-fraction a fine-tune from the pretrained weights (``init=method``) and one from scratch
-(``init=baseline``) on the same labelled cases, each evaluated on the seed's test cases.
-Every finished run is kept on disk, so an interrupted benchmark resumes where it stopped.
-Writes ``results.json``, ``results.md`` and ``label_efficiency.png`` to ``out``.
+A bundle's benchmark is a set of named *variants* (``method``, ``baseline`` and, where the issue asks,
+comparisons and ablations), each a set of ``train`` overrides plus, optionally, the name of a
+*pretraining* (a set of ``pretrain`` overrides) whose weights it starts from. For each seed: one
+seeded split (train/validation/test; the labelled subsets are nested across fractions), each
+pretraining once on all training cases (labels unused), then for each label fraction every variant
+fine-tuned on the same labelled cases and evaluated on the seed's test cases. Every finished run is
+kept on disk, so an interrupted benchmark resumes where it stopped. Writes ``results.json`` (each run's
+``init`` is its variant name), ``results.md`` and ``label_efficiency.png`` to ``out``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,25 @@ from ..utils import atomic_write, atomic_write_json, atomic_write_text
 
 
 @dataclass
+class Variant:
+    """``train`` overrides of one compared run; ``pretrain`` names the pretraining it starts from."""
+
+    train: dict = field(default_factory=dict)
+    pretrain: str | None = None
+
+
+@dataclass
 class BenchmarkSpec:
     dataset: str
     regions: Sequence[str]
     budgets: dict = field(default_factory=dict)  # budget -> {"pretrain": overrides, "train": overrides}
-    inits: Sequence[str] = ("method", "baseline")
+    variants: dict = field(default_factory=lambda: {"method": Variant({"init": "method"}, "method"),
+                                                    "baseline": Variant({"init": "baseline"})})
+    pretrainings: dict = field(default_factory=lambda: {"method": {}})  # name -> pretrain overrides
+
+    @property
+    def inits(self) -> list[str]:
+        return list(self.variants)
 
 
 BENCHMARKS = {
@@ -79,50 +95,56 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(seeds) * (1 + len(fractions) * len(spec.inits)), desc=f"benchmark {bundle}",
+    bar = tqdm(total=len(seeds) * (1 + len(fractions) * len(spec.variants)), desc=f"benchmark {bundle}",
                disable=not progress)
     for seed in seeds:
         seed_dir = out_dir / f"seed{seed}"
-        pre_dir = seed_dir / "pretrain"
         datalists = {}
         for f in fractions:
             split = make_split(cases, label_fraction=f, seed=seed)
             datalists[f] = write_datalist(split, seed_dir / f"datalist_f{f:g}.json", data_dir)
         common = {"dataset_dir": data_dir, "seed": seed}
-        pretrained = pre_dir / "pretrained.pt"
-        if "method" in spec.inits and not pretrained.is_file():
-            bar.set_postfix_str(f"seed {seed}: pretrain")
-            t0 = time.perf_counter()
-            run_stage(bundle, "pretrain", logging_file, ckpt_dir=str(pre_dir),
-                      datalist_file=str(datalists[max(fractions)]), **common, **overrides["pretrain"])
-            atomic_write_json({"pretrain_seconds": time.perf_counter() - t0}, pre_dir / "timing.json")
+        weights = {}
+        for name in sorted({v.pretrain for v in spec.variants.values() if v.pretrain}):
+            pre_dir = seed_dir / f"pretrain_{name}"
+            weights[name] = pre_dir / "pretrained.pt"
+            if not weights[name].is_file():
+                bar.set_postfix_str(f"seed {seed}: pretrain {name}")
+                t0 = time.perf_counter()
+                run_stage(bundle, "pretrain", logging_file, ckpt_dir=str(pre_dir),
+                          datalist_file=str(datalists[max(fractions)]), **common, **spec.pretrainings[name],
+                          **overrides["pretrain"])
+                atomic_write_json({"pretrain_seconds": time.perf_counter() - t0}, pre_dir / "timing.json")
+            timing = json.loads((pre_dir / "timing.json").read_text())["pretrain_seconds"]
+            results.setdefault("pretrain_seconds", {}).setdefault(name, {})[str(seed)] = round(timing, 1)
         bar.update(1)
         for f in fractions:
-            for init in spec.inits:
+            for init, variant in spec.variants.items():
                 run_dir = seed_dir / f"f{f:g}" / init
                 record = run_dir / "run.json"
                 if not record.is_file():
                     bar.set_postfix_str(f"seed {seed}, fraction {f:g}: {init}")
+                    start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
                     t0 = time.perf_counter()
                     run_stage(bundle, "train", logging_file, ckpt_dir=str(run_dir), datalist_file=str(datalists[f]),
-                              init=init, pretrained_ckpt=str(pretrained), label_fraction=f, **common,
-                              **overrides["train"])
+                              label_fraction=f, **common, **start, **variant.train, **overrides["train"])
                     train_seconds = time.perf_counter() - t0
+                    # the variant's overrides go to evaluation too (network switches must match; ids
+                    # that evaluate.json does not use are inert there)
                     run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(run_dir), output_dir=str(run_dir),
-                              datalist_file=str(datalists[f]), **common)
+                              datalist_file=str(datalists[f]), **common, **variant.train)
                     metrics = json.loads((run_dir / "metrics.json").read_text())
                     n_lab = sum(c.get("labelled", True) for c in json.loads(datalists[f].read_text())["training"])
                     atomic_write_json({"init": init, "fraction": f, "seed": seed, "labelled_cases": n_lab,
                                        "mean_dice": metrics["mean_dice"], "dice": metrics["dice"],
                                        "mean_hd95": metrics.get("mean_hd95"), "hd95": metrics.get("hd95"),
                                        "train_seconds": round(train_seconds, 1),
-                                       "test_cases": metrics["num_cases"]}, record)
+                                       "test_cases": metrics["num_cases"],
+                                       **{k: metrics[k] for k in ("precision", "mean_iou", "mean_miou") if k in metrics}},
+                                      record)
                 results["runs"].append(json.loads(record.read_text()))
                 atomic_write_json(results, out_dir / "results.json")
                 bar.update(1)
-        pre_t = pre_dir / "timing.json"
-        if pre_t.is_file():
-            results.setdefault("pretrain_seconds", {})[str(seed)] = round(json.loads(pre_t.read_text())["pretrain_seconds"], 1)
     bar.close()
     results["summary"] = summarise(results["runs"], fractions, spec.inits, spec.regions)
     results["peak_rss_mb"] = _peak_rss_mb()
@@ -165,8 +187,9 @@ def results_markdown(results: dict, regions) -> str:
     rows = results["summary"]
     lines = [f"# {results['bundle']} on {results['dataset']} (budget: {results['budget']}, "
              f"seeds {', '.join(map(str, results['seeds']))})", "",
-             "Mean over seeds (± std) of the test-set Dice; HD95 in voxels. `method` = fine-tuned from the "
-             "pretrained weights, `baseline` = same network and schedule from scratch.", "",
+             "Mean over seeds (± std) of the test-set Dice; HD95 in voxels/pixels. `method` = the bundle's "
+             "method, `baseline` = its from-scratch baseline; other rows are the comparisons and ablations "
+             "named in the bundle's docs.", "",
              "| fraction | labelled cases | init | mean Dice | " + " | ".join(f"{g} Dice" for g in regions)
              + " | mean HD95 | train s |", "|" + "---|" * (6 + len(regions))]
     for r in rows:
@@ -176,18 +199,22 @@ def results_markdown(results: dict, regions) -> str:
     lines.append("")
     for f in results["fractions"]:
         by = {r["init"]: r for r in rows if r["fraction"] == f}
-        if "method" in by and "baseline" in by:
-            d = by["method"]["mean_dice"] - by["baseline"]["mean_dice"]
-            wins = sum(1 for s in results["seeds"] if _seed_delta(results["runs"], f, s) > 0)
+        if "baseline" not in by:
+            continue
+        for init, row in by.items():
+            if init == "baseline":
+                continue
+            d = row["mean_dice"] - by["baseline"]["mean_dice"]
+            wins = sum(1 for s in results["seeds"] if _seed_delta(results["runs"], f, s, init) > 0)
             verdict = "beat" if d > 0 else "did not beat"
-            lines.append(f"- fraction {f:g}: pretraining {verdict} the baseline ({d:+.3f} mean Dice; "
+            lines.append(f"- fraction {f:g}: `{init}` {verdict} the baseline ({d:+.3f} mean Dice; "
                          f"better in {wins} of {len(results['seeds'])} seeds).")
     return "\n".join(lines) + "\n"
 
 
-def _seed_delta(runs, f, seed) -> float:
+def _seed_delta(runs, f, seed, init="method") -> float:
     by = {r["init"]: r["mean_dice"] for r in runs if r["fraction"] == f and r["seed"] == seed}
-    return by.get("method", float("nan")) - by.get("baseline", float("nan"))
+    return by.get(init, float("nan")) - by.get("baseline", float("nan"))
 
 
 def plot_label_efficiency(results: dict, path: Path) -> None:
@@ -197,7 +224,7 @@ def plot_label_efficiency(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    for init in sorted({r["init"] for r in results["summary"]}):
+    for init in dict.fromkeys(r["init"] for r in results["summary"]):
         rows = sorted((r for r in results["summary"] if r["init"] == init), key=lambda r: r["fraction"])
         x = [r["fraction"] for r in rows]
         ax.errorbar(x, [r["mean_dice"] for r in rows], yerr=[r["std_dice"] for r in rows], marker="o", capsize=3,
