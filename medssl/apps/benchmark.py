@@ -64,6 +64,37 @@ BENCHMARKS = {
                       "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
         },
     ),
+    # Zhang et al. 2025 (issue 3). Measured on 2 CPU cores: a fine-tuning step (batch 8 x 128^2, with the
+    # lesion-aware loss) 0.63 s, a Barlow Twins step (16 images x 2 views) 1.05 s. The full grid of this
+    # benchmark (5 variants x 3 fractions x 3 seeds) has not been run yet.
+    "dfr_barlow": BenchmarkSpec(
+        dataset="dsb2018_nuclei",
+        regions=("nucleus",),
+        pretrainings={"dfr": {},
+                      "dfr_no_attention": {"channel_attention": False, "spatial_attention": False},
+                      "plain_unet": {"channel_attention": False, "spatial_attention": False, "dilation": False,
+                                     "compression": False}},
+        variants={
+            "method": Variant({"init": "method"}, "dfr"),
+            # the paper's baseline: a plain U-Net (same depth and widths) trained from scratch
+            "baseline": Variant({"init": "baseline", "channel_attention": False, "spatial_attention": False,
+                                 "dilation": False, "compression": False, "lac_weight": 0.0}),
+            # the paper's "vanilla self-supervised" comparison: plain U-Net encoder + vanilla Barlow Twins
+            "vanilla_barlow_twins": Variant({"init": "method", "channel_attention": False,
+                                             "spatial_attention": False, "dilation": False, "compression": False,
+                                             "lac_weight": 0.0}, "plain_unet"),
+            "no_attention": Variant({"init": "method", "channel_attention": False, "spatial_attention": False},
+                                    "dfr_no_attention"),
+            "no_lesion_loss": Variant({"init": "method", "lac_weight": 0.0}, "dfr"),
+        },
+        budgets={
+            "full": {"pretrain": {}, "train": {}},
+            "small": {"pretrain": {"max_epochs": 10, "epoch_length": 20},
+                      "train": {"max_epochs": 6, "epoch_length": 25, "val_interval": 3}},
+            "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2, "batch_size": 4},
+                      "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "batch_size": 4}},
+        },
+    ),
 }
 
 
