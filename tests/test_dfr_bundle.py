@@ -127,3 +127,27 @@ def test_label_with_several_channels_is_refused(nuclei_dir, tmp_path):
     with pytest.raises(DataError) as e:
         bundle_datalist(str(root), val_fraction=0, test_fraction=0)
     assert f"{lab}: expected a single-channel label map" in str(e.value)
+
+
+def test_brats_axial_slices_through_the_same_bundle(tmp_path, brats_copy):
+    """dataset_name=brats18_2mm: 4 modalities as channels, 2D axial slices for training (WT), the 2D network
+    applied slice by slice (SliceInferer) to whole volumes for evaluation and NIfTI inference."""
+    import nibabel as nib
+
+    from medssl.data import brats_cases
+
+    data = brats_copy(6)
+    dl = write_datalist(make_split(brats_cases(data), 0.5, seed=0), tmp_path / "dl.json", data)
+    common = ["--dataset_name", "brats18_2mm", "--dataset_dir", data, "--datalist_file", dl]
+    monai_run("pretrain", *TINY, *common, "--ckpt_dir", tmp_path / "pre")
+    monai_run("train", *TINY, *common, "--val_interval", 1, "--ckpt_dir", tmp_path / "ft",
+              "--pretrained_ckpt", tmp_path / "pre" / "pretrained.pt")
+    assert torch.load(tmp_path / "ft" / "model.pt")["encoders.0.0.conv.weight"].shape[1] == 4
+    monai_run("evaluate", *common, "--ckpt_dir", tmp_path / "ft", "--output_dir", tmp_path / "ev")
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(m["dice"]) == {"WT"} and m["hd95_unit"] == "voxels" and m["num_cases"] == 2
+    monai_run("inference", "--dataset_name", "brats18_2mm", "--dataset_dir", data, "--ckpt_dir", tmp_path / "ft",
+              "--output_dir", tmp_path / "pred")
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    pred, ref = nib.load(tmp_path / "pred" / f"{case.name}_seg.nii.gz"), nib.load(case / f"{case.name}_flair.nii.gz")
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
