@@ -9,6 +9,7 @@ rounded to int16, segmentation nearest-neighbour: the recipe of ``brats18_2mm``.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import urllib.error
 import urllib.request
@@ -100,8 +101,8 @@ def prepare_case(case_dir: Path, out_dir: Path, pixdim: float = 2.0, margin: int
         affine = np.asarray(d[n].affine, dtype=np.float64)
         img = nib.Nifti1Image(arr, affine)
         img.header.set_zooms((pixdim,) * 3)
-        atomic_write(target / f"{case}_{n}.nii.gz", lambda tmp, img=img: nib.save(img, tmp + ".nii.gz")
-                     or Path(tmp + ".nii.gz").replace(tmp))
+        payload = gzip.compress(img.to_bytes())
+        atomic_write(target / f"{case}_{n}.nii.gz", lambda tmp, payload=payload: Path(tmp).write_bytes(payload))
     return target
 
 
