@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .layouts import BRATS_LABEL_VALUES, BRATS_MODALITIES, detect_layout, LAYOUTS
+from .layouts import BRATS_LABEL_VALUES, BRATS_MODALITIES, EXPECTED_LAYOUT, LAYOUTS, detect_layout
 
 
 class DataError(ValueError):
@@ -121,9 +121,7 @@ def check_dataset_dir(dataset_dir: str | Path, layout: str | None = None) -> lis
     layout = layout or detect_layout(root)
     cases = LAYOUTS[layout](root)
     if not cases:
-        what = ("BraTS case folders <case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz" if layout == "brats"
-                else "images/<id>.png with labels/<id>.png")
-        return [f"{root}: no cases found; expected {what}"]
+        return [f"{root}: no cases found; expected {EXPECTED_LAYOUT[layout]}"]
     try:
         check_cases(cases, layout)
     except DataError as e:

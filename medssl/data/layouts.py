@@ -66,6 +66,8 @@ def nuclei_cases(dataset_dir: str | Path) -> list[dict]:
 
 
 LAYOUTS = {"brats": brats_cases, "nuclei": nuclei_cases}
+EXPECTED_LAYOUT = {"brats": "BraTS case folders <case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz",
+                   "nuclei": "images/<id>.png with labels/<id>.png"}
 
 
 def detect_layout(dataset_dir: str | Path) -> str:

@@ -17,14 +17,16 @@ import numpy as np
 
 from ..utils import atomic_write_json
 from .check import DataError, check_cases
-from .layouts import LAYOUTS, detect_layout
+from .layouts import EXPECTED_LAYOUT, LAYOUTS, detect_layout
 
 
-def _relative(item: dict, base: Path) -> dict:
-    def rel(p):
-        return [rel(q) for q in p] if isinstance(p, list) else os.path.relpath(p, base)
+def _map_paths(item: dict, fn) -> dict:
+    """``item`` with ``fn`` applied to every path of its ``image`` (a path or a list) and ``label``."""
 
-    return {k: rel(v) if k in ("image", "label") else v for k, v in item.items()}
+    def apply(p):
+        return [apply(q) for q in p] if isinstance(p, list) else fn(p)
+
+    return {k: apply(v) if k in ("image", "label") else v for k, v in item.items()}
 
 
 def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
@@ -67,7 +69,8 @@ def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0
 def write_datalist(datalist: dict, path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
     """Write ``datalist`` atomically, with image/label paths relative to ``base_dir``."""
     base = Path(base_dir).resolve()
-    out = {k: [_relative(c, base) for c in v] if isinstance(v, list) else v for k, v in datalist.items()}
+    out = {k: [_map_paths(c, lambda p: os.path.relpath(p, base)) for c in v] if isinstance(v, list) else v
+           for k, v in datalist.items()}
     return atomic_write_json(out, path)
 
 
@@ -81,13 +84,10 @@ def load_datalist(path: str | os.PathLike, base_dir: str | os.PathLike) -> dict:
         raise DataError([f"{path}: not valid JSON ({e}); expected an MSD-style datalist"]) from None
     base = Path(base_dir)
 
-    def absolute(p):
-        return [absolute(q) for q in p] if isinstance(p, list) else str(base / p) if not os.path.isabs(p) else p
-
     missing = [k for k in ("training", "validation", "test") if k not in raw]
     if missing:
         raise DataError([f"{path}: lacks the keys {missing}; expected training, validation and test lists"])
-    return {k: [{kk: absolute(vv) if kk in ("image", "label") else vv for kk, vv in c.items()} for c in v]
+    return {k: [_map_paths(c, lambda p: p if os.path.isabs(p) else str(base / p)) for c in v]
             if isinstance(v, list) else v for k, v in raw.items()}
 
 
@@ -109,9 +109,7 @@ def bundle_datalist(dataset_dir: str, datalist_file: str | None = None, label_fr
                              f"MEDSSL_DATA_DIR; `medssl data download` fetches the public sample)"])
         cases = LAYOUTS[layout](dataset_dir)
         if not cases:
-            raise DataError([f"{dataset_dir}: no cases found; expected "
-                             + ("<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz folders" if layout == "brats"
-                                else "images/<id>.png and labels/<id>.png")])
+            raise DataError([f"{dataset_dir}: no cases found; expected {EXPECTED_LAYOUT[layout]}"])
         datalist = make_split(cases, label_fraction=label_fraction, seed=seed, **split_kwargs)
         context = f"data set {dataset_dir}"
     if check:
