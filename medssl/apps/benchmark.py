@@ -143,8 +143,8 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                 bar.set_postfix_str(f"seed {seed}: pretrain {name}")
                 t0 = time.perf_counter()
                 run_stage(bundle, "pretrain", logging_file, ckpt_dir=str(pre_dir),
-                          datalist_file=str(datalists[max(fractions)]), **common, **spec.pretrainings[name],
-                          **overrides["pretrain"])
+                          datalist_file=str(datalists[max(fractions)]), **common,
+                          **{**overrides["pretrain"], **spec.pretrainings[name]})
                 atomic_write_json({"pretrain_seconds": time.perf_counter() - t0}, pre_dir / "timing.json")
             timing = json.loads((pre_dir / "timing.json").read_text())["pretrain_seconds"]
             results.setdefault("pretrain_seconds", {}).setdefault(name, {})[str(seed)] = round(timing, 1)
@@ -158,7 +158,7 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                     start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
                     t0 = time.perf_counter()
                     run_stage(bundle, "train", logging_file, ckpt_dir=str(run_dir), datalist_file=str(datalists[f]),
-                              label_fraction=f, **common, **start, **variant.train, **overrides["train"])
+                              label_fraction=f, **common, **start, **{**overrides["train"], **variant.train})
                     train_seconds = time.perf_counter() - t0
                     # the variant's overrides go to evaluation too (network switches must match; ids
                     # that evaluate.json does not use are inert there)
