@@ -65,8 +65,9 @@ BENCHMARKS = {
         },
     ),
     # Zhang et al. 2025 (issue 3). Measured on 2 CPU cores: a fine-tuning step (batch 8 x 128^2, with the
-    # lesion-aware loss) 0.63 s, a Barlow Twins step (16 images x 2 views) 1.05 s. The full grid of this
-    # benchmark (5 variants x 3 fractions x 3 seeds) has not been run yet.
+    # lesion-aware loss) 0.63 s, a Barlow Twins step (16 images x 2 views) 1.05 s; one (fraction, seed) of
+    # the small budget (3 pretrainings + 5 variants, full-size evaluation on 199 test images) took 31 min.
+    # The full grid (5 variants x 3 fractions x 3 seeds) has not been run yet.
     "dfr_barlow": BenchmarkSpec(
         dataset="dsb2018_nuclei",
         regions=("nucleus",),
