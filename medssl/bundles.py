@@ -24,15 +24,20 @@ def bundle_path(name: str) -> Path:
     return p
 
 
+def bundle_stages(root: Path) -> list[str]:
+    """The stages whose config a bundle folder has."""
+    return [s for s in STAGES if (root / "configs" / f"{s}.json").is_file()]
+
+
 def list_bundles() -> list[dict]:
     """Name, paper, paradigm and stages of every shipped bundle (read from its metadata.json)."""
     out = []
     root = bundles_dir()
     for meta in sorted(root.glob("*/configs/metadata.json")):
         m = json.loads(meta.read_text())
-        stages = [s for s in STAGES if (meta.parent / f"{s}.json").is_file()]
         out.append({"name": meta.parent.parent.name, "paper": (m.get("references") or [""])[0],
-                    "paradigm": m.get("medssl_paradigm", ""), "stages": stages, "version": m.get("version", "")})
+                    "paradigm": m.get("medssl_paradigm", ""), "stages": bundle_stages(meta.parent.parent),
+                    "version": m.get("version", "")})
     return out
 
 
@@ -45,8 +50,7 @@ def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, *
     root = bundle_path(bundle)
     config = root / "configs" / f"{stage}.json"
     if not config.is_file():
-        raise ValueError(f"{config}: bundle {bundle!r} has no stage {stage!r}; expected one of "
-                         f"{[s for s in STAGES if (root / 'configs' / f'{s}.json').is_file()]}")
+        raise ValueError(f"{config}: bundle {bundle!r} has no stage {stage!r}; expected one of {bundle_stages(root)}")
     overrides.setdefault("bundle_root", str(root))
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")

@@ -15,6 +15,8 @@ from torch import nn
 
 from monai.engines.utils import IterationEvents
 
+from .iteration import optimise
+
 
 class BarlowTwinsNet(nn.Module):
     """``backbone.encode(x)`` -> global average pool -> projector (Linear-BN-ReLU ... Linear).
@@ -54,22 +56,14 @@ class BarlowTwinsIteration:
         self.keys = tuple(keys)
 
     def __call__(self, engine, batchdata: dict) -> dict:
-        v1, v2 = (batchdata[k].to(engine.state.device if hasattr(engine.state, "device") else engine.device)
-                  for k in self.keys)
+        v1, v2 = (batchdata[k].to(engine.state.device) for k in self.keys)
         if v1.shape[0] < 2:
             raise ValueError(f"Barlow Twins got a batch of {v1.shape[0]} image(s); it needs at least 2 "
                              f"(set drop_last=True in the DataLoader)")
-        # filled before the events fire, as in MONAI's own _iteration (handlers read it there)
         out = engine.state.output = {}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         out["pred"], out["label"] = engine.network(v1), engine.network(v2)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         out["loss"] = engine.loss_function(out["pred"], out["label"])
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        out["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
-        out.update({k: v.detach() for k, v in out.items()})
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        return optimise(engine, out)

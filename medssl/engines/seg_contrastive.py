@@ -9,6 +9,9 @@ from torch import nn
 
 from monai.engines.utils import IterationEvents
 
+from .handlers import _unwrap
+from .iteration import optimise
+
 
 class SegContrastiveIteration:
     """``loss = engine.loss_function(logits, label) + weight * embedding_loss(embedding, label)``.
@@ -24,12 +27,10 @@ class SegContrastiveIteration:
         self.weight = float(weight)
 
     def __call__(self, engine, batchdata: dict) -> dict:
-        device = engine.state.device if hasattr(engine.state, "device") else engine.device
+        device = engine.state.device
         image, label = batchdata["image"].to(device), batchdata["label"].to(device)
         net = engine.network
-        features = (net.module if hasattr(net, "module") else net).forward_features
-        # engine.state.output is filled before the events fire, as in MONAI's own _iteration: handlers
-        # (and the decollation on MODEL_COMPLETED) read it there
+        features = _unwrap(net).forward_features
         out = engine.state.output = {"image": image, "label": label}
         net.train()
         engine.optimizer.zero_grad(set_to_none=True)
@@ -38,11 +39,5 @@ class SegContrastiveIteration:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         seg = engine.loss_function(logits, label)
         aux = self.embedding_loss(embedding, label) if self.weight else torch.zeros((), device=device)
-        out["loss"] = seg + self.weight * aux
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        out["loss"].backward()
-        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-        engine.optimizer.step()
-        out.update(loss=out["loss"].detach(), pred=logits.detach(), seg_loss=seg.detach(), embedding_loss=aux.detach())
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+        out.update(loss=seg + self.weight * aux, seg_loss=seg, embedding_loss=aux)
+        return optimise(engine, out)
