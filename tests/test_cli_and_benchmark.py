@@ -51,9 +51,18 @@ def test_variants_share_pretrainings_and_each_gets_a_row(tmp_path, brats_dir, mo
                                         "two_swaps": bm.Variant({"init": "method"}, "t2"),
                                         "baseline": bm.Variant({"init": "baseline"})})
     monkeypatch.setitem(bm.BENCHMARKS, "context_restoration", custom)
+    with pytest.raises(ValueError, match="unknown variants"):
+        run_benchmark("context_restoration", str(brats_dir), out=str(tmp_path), variants="method,three_swaps")
+    # a first call trains only some variants and runs only the pretraining they need ...
+    first = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="1", budget="smoke",
+                          out=str(tmp_path), progress=False, logging_file=False, variants="method,baseline")
+    assert [r["init"] for r in first["runs"]] == ["method", "baseline"]
+    assert not (tmp_path / "seed1" / "pretrain_t2").exists()
+    # ... a second call adds the others into the same results
     res = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="1", budget="smoke",
-                        out=str(tmp_path), progress=False, logging_file=False)
+                        out=str(tmp_path), progress=False, logging_file=False, variants="two_swaps")
     assert [r["init"] for r in res["runs"]] == ["method", "two_swaps", "baseline"]
+    assert res["runs"][0] == first["runs"][0]
     assert set(res["pretrain_seconds"]) == {"t2", "t20"}
     assert (tmp_path / "seed1" / "pretrain_t2" / "pretrained.pt").is_file()
     md = (tmp_path / "results.md").read_text()
