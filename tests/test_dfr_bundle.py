@@ -45,7 +45,7 @@ def test_pretraining_transfers_into_the_segmentation_network(runs):
     enc = [k for k in pre if k.startswith("encoders.0.")]
     assert enc and not all(torch.equal(pre[k], fresh[k]) for k in enc)
     state = torch.load(runs["root"] / "pretrain" / "pretrain_checkpoint.pt", weights_only=False)
-    assert any(k.startswith("projector.") for k in state["projector"])
+    assert any(k.startswith("head.") for k in state["projector"])
 
 
 def test_evaluate_reports_the_papers_metrics(runs):

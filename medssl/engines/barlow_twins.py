@@ -15,29 +15,18 @@ from torch import nn
 
 from monai.engines.utils import IterationEvents
 
+from ..networks.heads import EncoderHead
 from .iteration import optimise
 
 
-class BarlowTwinsNet(nn.Module):
+class BarlowTwinsNet(EncoderHead):
     """``backbone.encode(x)`` -> global average pool -> projector (Linear-BN-ReLU ... Linear).
 
     Input ``(B, C, *spatial)`` -> projections ``(B, projector_dims[-1])``.
     """
 
     def __init__(self, backbone: nn.Module, in_features: int, projector_dims: Sequence[int] = (512, 512)):
-        super().__init__()
-        self.backbone = backbone
-        layers: list[nn.Module] = []
-        dims = [in_features, *projector_dims]
-        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-            layers.append(nn.Linear(a, b, bias=i == len(dims) - 2))
-            if i < len(dims) - 2:
-                layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-        self.projector = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.backbone.encode(x)
-        return self.projector(f.flatten(2).mean(2))
+        super().__init__(backbone, in_features, projector_dims)
 
 
 class BarlowTwinsIteration:

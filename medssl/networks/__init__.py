@@ -1,7 +1,9 @@
 """Networks, blocks and weight loading of the medssl methods."""
 
-from .blocks import DilatedContextBlock, SpatialGate
+from .blocks import ContextualFusionBlock, DilatedContextBlock, SpatialGate
+from .cfb_unet import CFBUNet
 from .dfr_unet import DFRUNet
+from .heads import EncoderHead
 from .weights import CheckpointMismatchError, initialise, load_pretrained
 
-__all__ = ["CheckpointMismatchError", "DFRUNet", "DilatedContextBlock", "SpatialGate", "initialise", "load_pretrained"]
+__all__ = ["CFBUNet", "CheckpointMismatchError", "ContextualFusionBlock", "DFRUNet", "EncoderHead", "DilatedContextBlock", "SpatialGate", "initialise", "load_pretrained"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from monai.networks.blocks import Convolution
-from monai.networks.layers.factories import Conv
+from monai.networks.layers.factories import Conv, Pool
 
 
 class SpatialGate(nn.Module):
@@ -32,22 +32,49 @@ class SpatialGate(nn.Module):
 
 
 class DilatedContextBlock(nn.Module):
-    """Parallel 3x3 convolutions with dilations ``dilations`` (same number of channels each), concatenated
-    and fused by a 1x1 convolution, plus a residual path: a larger receptive field at one resolution.
+    """Parallel 3x3 convolutions with dilations ``dilations`` (same number of channels each), optionally
+    a global-context branch (global average pooling -> 1x1 convolution, broadcast back over the
+    positions), concatenated and fused by a 1x1 convolution, plus a residual path: receptive fields
+    of several sizes at one resolution.
 
     Input ``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, dilations: Sequence[int] = (1, 2, 4),
-                 act="PRELU", norm="INSTANCE", dropout: float = 0.0):
+                 act="PRELU", norm="INSTANCE", dropout: float = 0.0, global_context: bool = False):
         super().__init__()
         self.branches = nn.ModuleList(
             Convolution(spatial_dims, in_channels, out_channels, kernel_size=3, dilation=d, padding=d, act=act,
                         norm=norm, dropout=dropout) for d in dilations)
-        self.fuse = Convolution(spatial_dims, out_channels * len(dilations), out_channels, kernel_size=1, act=act,
+        # no normalisation on the pooled branch: an instance norm of one value per channel is zero
+        self.pool = (nn.Sequential(Pool[Pool.ADAPTIVEAVG, spatial_dims](1),
+                                   Convolution(spatial_dims, in_channels, out_channels, kernel_size=1, act=act,
+                                               norm=None))
+                     if global_context else None)
+        n_branches = len(dilations) + int(global_context)
+        self.fuse = Convolution(spatial_dims, out_channels * n_branches, out_channels, kernel_size=1, act=act,
                                 norm=norm)
         self.skip = (nn.Identity() if in_channels == out_channels
                      else Conv[Conv.CONV, spatial_dims](in_channels, out_channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([b(x) for b in self.branches], dim=1)) + self.skip(x)
+        feats = [b(x) for b in self.branches]
+        if self.pool is not None:
+            feats.append(self.pool(x).expand_as(feats[0]))
+        return self.fuse(torch.cat(feats, dim=1)) + self.skip(x)
+
+
+class ContextualFusionBlock(DilatedContextBlock):
+    """Contextual fusion block (CFB) of SLeM (Wang et al., 2025): parallel branches of different receptive
+    fields - 3x3 convolutions with ``dilations`` and the global context of the whole input - fused by a
+    1x1 convolution, with a residual path, so that one feature map carries context for tumours of very
+    different sizes.
+
+    Channel-preserving by default (``out_channels = in_channels``), so it can follow the learned features
+    of any MONAI-style encoder-decoder, e.g. appended to a ``UNet``'s bottom layer (:class:`CFBUNet`).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int | None = None,
+                 dilations: Sequence[int] = (1, 2, 3), act="PRELU", norm="INSTANCE", dropout: float = 0.0):
+        super().__init__(spatial_dims, in_channels, out_channels or in_channels, dilations=dilations, act=act,
+                         norm=norm, dropout=dropout, global_context=True)
