@@ -52,3 +52,11 @@ def data_root() -> Path:
 def default_dataset_dir(name: str) -> str:
     """The default ``dataset_dir`` of a bundle: ``$MEDSSL_DATA_DIR/<name>``."""
     return str(data_root() / name)
+
+
+def check_choice(name: str, value: str, choices) -> str:
+    """``value`` if it is one of ``choices``, else a ``ValueError`` naming the config id and the choices
+    (for string switches of the bundle configs, checked while the config is parsed)."""
+    if value not in tuple(choices):
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value

@@ -52,6 +52,35 @@ def monai_run(configs: Path, stage: str, *args, check: bool = True):
     return r
 
 
+def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_path: Path) -> None:
+    """MONAI's tools on a bundle: ``verify_metadata`` against the shipped schema, ``verify_net_in_out``,
+    and ``ckpt_export`` of ``model_pt`` to TorchScript, whose output must equal ``reference`` (an eager
+    network of the same architecture) loaded with the same weights, on input ``x``."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from medssl import SCHEMA_FILE
+
+    def tool(*args, cwd=bundle):
+        r = subprocess.run([sys.executable, "-m", "monai.bundle", *map(str, args)], cwd=cwd, capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout + r.stderr
+
+    assert "verified with no error" in tool("verify_metadata", "--meta_file", "configs/metadata.json",
+                                            "--filepath", SCHEMA_FILE)
+    assert "verified with no error" in tool("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
+                                            "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu")
+    ts = tmp_path / "model.ts"
+    tool("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", model_pt, "--meta_file",
+         "configs/metadata.json", "--config_file", "configs/inference.json")
+    reference.load_state_dict(torch.load(model_pt))
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.load(str(ts))(x), reference.eval()(x), rtol=1e-4, atol=1e-4)
+
+
 def case_file(root: Path, modality: str, index: int = 0) -> Path:
     case = sorted(p for p in root.iterdir() if p.is_dir())[index]
     return case / f"{case.name}_{modality}.nii.gz"

@@ -156,6 +156,8 @@ def test_errors(volume):
         RandModalityBlockMix(4, 2)(x[:3])
     with pytest.raises(ValueError, match=r"block grid \(2, 2, 3\) does not divide the crop \(64, 64, 64\)"):
         RandModalityBlockMix(4, (2, 2, 3))(x)
+    with pytest.raises(ValueError, match=r"block grid \(2, 2, 3\) does not divide the crop \(64, 64, 64\)"):
+        RandModalityBlockMixd("image", blocks=(2, 2, 3), spatial_size=(64, 64, 64))  # at construction
     with pytest.raises(ValueError, match=r"num_combinations=3 exceeds the 2 possible"):
         RandModalityBlockMix(2, 1, 3)
     with pytest.raises(ValueError, match=r"num_combinations=577 exceeds the 576 possible"):

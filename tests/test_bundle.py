@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, monai_run as bundle_run, damage_label
+from conftest import REPO, check_metadata_and_export, monai_run as bundle_run, damage_label
 
 BUNDLE = REPO / "bundles" / "context_restoration"
 CONFIGS = BUNDLE / "configs"
@@ -127,28 +127,10 @@ def test_bad_data_stops_before_training(brats_copy, tmp_path):
 
 
 def test_verify_metadata_net_in_out_and_torchscript_export(runs, tmp_path):
-    from medssl import SCHEMA_FILE
-
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                        str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA_FILE)], capture_output=True, text=True)
-    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-                        "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu"],
-                       cwd=BUNDLE, capture_output=True, text=True)
-    assert r.returncode == 0 and "verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
-    ts = tmp_path / "model.ts"
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-                        "--ckpt_file", str(runs["train"] / "model.pt"), "--meta_file", "configs/metadata.json",
-                        "--config_file", "configs/inference.json"], cwd=BUNDLE, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    net = torch.jit.load(str(ts))
-    x = torch.randn(1, 4, 64, 64, 64)
     from monai.networks.nets import UNet
 
     ref = UNet(3, 4, 3, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=0)
-    ref.load_state_dict(torch.load(runs["train"] / "model.pt"))
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
+    check_metadata_and_export(BUNDLE, runs["train"] / "model.pt", ref, torch.randn(1, 4, 64, 64, 64), tmp_path)
 
 
 def test_multi_gpu_config_trains_with_torchrun_on_cpu(runs, tmp_path):

@@ -57,7 +57,7 @@ def test_empty_dir_and_datalist_naming_missing_file(tmp_path, brats_dir):
     assert json.loads(dl.read_text())["validation"][0]["label"].endswith("Gone_1_seg.nii.gz")
 
 
-@pytest.mark.parametrize("bundle", ["context_restoration", "dfr_barlow"])
+@pytest.mark.parametrize("bundle", ["context_restoration", "dfr_barlow", "slem"])
 @pytest.mark.parametrize("config,workflow_type", [("train.json", "train"), ("inference.json", "infer"),
                                                   ("evaluate.json", "infer")])
 def test_configs_expose_the_ids_monai_tools_read(bundle, config, workflow_type):

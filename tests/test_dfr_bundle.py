@@ -1,8 +1,6 @@
 """dfr_barlow end to end on real DSB 2018 nuclei, tiny budget, on a 30-image datalist."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ from PIL import Image
 from medssl.data import DataError, bundle_datalist, make_split, nuclei_cases, write_datalist
 from medssl.networks import DFRUNet
 
-from conftest import REPO, monai_run as bundle_run
+from conftest import REPO, check_metadata_and_export, monai_run as bundle_run
 
 BUNDLE = REPO / "bundles" / "dfr_barlow"
 CONFIGS = BUNDLE / "configs"
@@ -72,25 +70,8 @@ def test_inference_writes_png_masks_for_rgba_rgb_and_grey_inputs(runs, nuclei_di
 
 
 def test_export_and_metadata(runs, tmp_path):
-    from medssl import SCHEMA_FILE
-
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
-                        str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA_FILE)], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-                        "configs/metadata.json", "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu"],
-                       cwd=BUNDLE, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ts = tmp_path / "model.ts"
-    r = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-                        "--ckpt_file", str(runs["root"] / "train" / "model.pt"), "--meta_file", "configs/metadata.json",
-                        "--config_file", "configs/inference.json"], cwd=BUNDLE, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
-    net = DFRUNet(2, 1, 2)
-    net.load_state_dict(torch.load(runs["root"] / "train" / "model.pt"))
-    x = torch.rand(1, 1, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.jit.load(str(ts))(x), net.eval()(x))
+    check_metadata_and_export(BUNDLE, runs["root"] / "train" / "model.pt", DFRUNet(2, 1, 2), torch.rand(1, 1, 64, 64),
+                              tmp_path)
 
 
 def test_barlow_twins_with_batch_size_one_stops_before_training(runs, tmp_path):

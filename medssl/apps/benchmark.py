@@ -108,6 +108,27 @@ BENCHMARKS = {
                       "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "batch_size": 4}},
         },
     ),
+    # Wang et al. 2025 (issue 4): the same 3D U-Net and budgets as context_restoration, so the pretexts compare
+    "slem": BenchmarkSpec(
+        dataset="brats18_2mm",
+        regions=("TC", "WT", "ET"),
+        pretrainings={"block_mix": {}, "context_restoration": {"pretext": "context_restoration"}},
+        variants={
+            "method": Variant({"init": "method"}, "block_mix"),
+            # the same U-Net without CFB and without pretext
+            "baseline": Variant({"init": "baseline", "context_fusion": False}),
+            "cfb_no_pretext": Variant({"init": "baseline"}),
+            # our other self-supervised pretext on the same network (CFB included)
+            "context_restoration": Variant({"init": "method"}, "context_restoration"),
+        },
+        budgets={
+            "full": {"pretrain": {}, "train": {}},
+            "small": {"pretrain": {"max_epochs": 20, "epoch_length": 25},
+                      "train": {"max_epochs": 16, "epoch_length": 25, "val_interval": 4}},
+            "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2},
+                      "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
+        },
+    ),
 }
 
 

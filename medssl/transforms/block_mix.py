@@ -96,8 +96,13 @@ class RandModalityBlockMix(RandomizableTransform):
     backend = ["torch", "numpy"]
 
     def __init__(self, num_modalities: int = 4, blocks: Sequence[int] | int = 2, num_combinations: int = 100,
-                 seed: int = 0, spatial_dims: int | None = None):
+                 seed: int = 0, spatial_dims: int | None = None, spatial_size: Sequence[int] | None = None):
         RandomizableTransform.__init__(self, prob=1.0)
+        if spatial_size is not None:  # the crop size the pipeline will feed: check the grid now, not mid-training
+            spatial_size = tuple(int(v) for v in spatial_size)
+            if spatial_dims is not None and spatial_dims != len(spatial_size):
+                raise ValueError(f"spatial_size {spatial_size} has {len(spatial_size)} axes but spatial_dims={spatial_dims}")
+            spatial_dims = len(spatial_size)
         if int(num_modalities) < 1:
             raise ValueError(f"num_modalities must be >= 1, got {num_modalities}")
         if int(num_combinations) < 1:
@@ -125,6 +130,16 @@ class RandModalityBlockMix(RandomizableTransform):
         if spatial_dims is not None or self.blocks == 1:  # B known now: build (and check K) eagerly
             self._last_b = self.num_blocks(spatial_dims or 1)
             self.combinations_for(self._last_b)
+        if spatial_size is not None:
+            self.check_grid(spatial_size)
+
+    def check_grid(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """The block grid for a crop of size ``spatial``; ``ValueError`` if it does not divide the crop."""
+        spatial = tuple(int(v) for v in spatial)
+        grid = self.grid(len(spatial))
+        if any(s % g for s, g in zip(spatial, grid)):
+            raise ValueError(f"block grid {grid} does not divide the crop {spatial}")
+        return grid
 
     def grid(self, spatial_dims: int) -> tuple[int, ...]:
         """Blocks per axis for an image with ``spatial_dims`` spatial axes."""
@@ -173,9 +188,7 @@ class RandModalityBlockMix(RandomizableTransform):
         nd = len(spatial)
         if nd == 0:
             raise ValueError(f"image of shape {tuple(img.shape)} has no spatial axis")
-        grid = self.grid(nd)
-        if any(s % g for s, g in zip(spatial, grid)):
-            raise ValueError(f"block grid {grid} does not divide the crop {spatial}")
+        grid = self.check_grid(spatial)
         nb = math.prod(grid)
         table = self.combinations_for(nb)
         self._last_b = nb
@@ -221,9 +234,10 @@ class RandModalityBlockMixd(Randomizable, MapTransform):
 
     def __init__(self, keys: KeysCollection, label_key: str = "mix_class", num_modalities: int = 4,
                  blocks: Sequence[int] | int = 2, num_combinations: int = 100, seed: int = 0,
-                 allow_missing_keys: bool = False, spatial_dims: int | None = None):
+                 allow_missing_keys: bool = False, spatial_dims: int | None = None,
+                 spatial_size: Sequence[int] | None = None):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.mixer = RandModalityBlockMix(num_modalities, blocks, num_combinations, seed, spatial_dims)
+        self.mixer = RandModalityBlockMix(num_modalities, blocks, num_combinations, seed, spatial_dims, spatial_size)
         self.label_key = label_key
 
     @property
