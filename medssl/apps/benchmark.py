@@ -56,21 +56,24 @@ class BenchmarkSpec:
         return list(self.variants)
 
 
+# budgets of the 3D BraTS bundles (batch 2 x 4 x 64^3): pretrain / train overrides of each stage
+BRATS_3D_BUDGETS = {
+    # the configs' own defaults (100 epochs x 50 iterations each): a GPU budget
+    "full": {"pretrain": {}, "train": {}},
+    # 500 pretraining and 400 fine-tuning steps of batch 2 x 4 x 64^3: about 3 min per
+    # (fraction, seed) pair of method + baseline on 2 CPU cores
+    "small": {"pretrain": {"max_epochs": 20, "epoch_length": 25},
+              "train": {"max_epochs": 16, "epoch_length": 25, "val_interval": 4}},
+    # a few steps, for tests of the harness itself; its numbers mean nothing
+    "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2},
+              "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
+}
+
 BENCHMARKS = {
     "context_restoration": BenchmarkSpec(
         dataset="brats18_2mm",
         regions=("TC", "WT", "ET"),
-        budgets={
-            # the configs' own defaults (100 epochs x 50 iterations each): a GPU budget
-            "full": {"pretrain": {}, "train": {}},
-            # 500 pretraining and 400 fine-tuning steps of batch 2 x 4 x 64^3: about 3 min per
-            # (fraction, seed) pair of method + baseline on 2 CPU cores
-            "small": {"pretrain": {"max_epochs": 20, "epoch_length": 25},
-                      "train": {"max_epochs": 16, "epoch_length": 25, "val_interval": 4}},
-            # a few steps, for tests of the harness itself; its numbers mean nothing
-            "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2},
-                      "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
-        },
+        budgets=BRATS_3D_BUDGETS,
     ),
     # Zhang et al. 2025 (issue 3). Measured on 2 CPU cores: a fine-tuning step (batch 8 x 128^2, with the
     # lesion-aware loss) 0.63 s, a Barlow Twins step (16 images x 2 views) 1.05 s. On DSB the split keeps
@@ -121,13 +124,7 @@ BENCHMARKS = {
             # our other self-supervised pretext on the same network (CFB included)
             "context_restoration": Variant({"init": "method"}, "context_restoration"),
         },
-        budgets={
-            "full": {"pretrain": {}, "train": {}},
-            "small": {"pretrain": {"max_epochs": 20, "epoch_length": 25},
-                      "train": {"max_epochs": 16, "epoch_length": 25, "val_interval": 4}},
-            "smoke": {"pretrain": {"max_epochs": 1, "epoch_length": 2},
-                      "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1}},
-        },
+        budgets=BRATS_3D_BUDGETS,
     ),
 }
 
