@@ -35,17 +35,13 @@ import os
 import platform
 import resource
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from ignite.engine import Events
 
 import monai
-from monai.bundle import ConfigParser
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "bundles" / "dfr_barlow" / "configs"
+from bundle_steps import REPO, build_trainer, step_row, time_steps
 
 KINDS = {
     "barlow_twins": ("pretrain.json", {}),
@@ -57,37 +53,6 @@ KINDS = {
 def default_data_dir() -> Path:
     root = os.environ.get("MEDSSL_DATA_DIR") or str(REPO.parent / "shared" / "data")
     return Path(root) / "dsb2018_nuclei"
-
-
-def build_trainer(config: str, overrides: dict):
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
-    parser.read_meta(str(CONFIGS / "metadata.json"))
-    parser.update(overrides)
-    monai.utils.set_determinism(seed=overrides.get("seed", 0))
-    return parser.get_parsed_content("train#trainer")
-
-
-def time_steps(trainer, warmup: int) -> dict:
-    """Run ``trainer`` once; per-step data wait and compute seconds (after ``warmup`` steps)."""
-    marks, waits, computes = {}, [], []
-
-    def mark(name):
-        def _h(engine):
-            marks[name] = time.perf_counter()
-        return _h
-
-    def done(engine):
-        if engine.state.iteration > warmup:
-            waits.append(marks["got"] - marks["get"])
-            computes.append(time.perf_counter() - marks["start"])
-
-    trainer.add_event_handler(Events.GET_BATCH_STARTED, mark("get"))
-    trainer.add_event_handler(Events.GET_BATCH_COMPLETED, mark("got"))
-    trainer.add_event_handler(Events.ITERATION_STARTED, mark("start"))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, done)
-    trainer.run()
-    return {"wait": waits, "compute": computes}
 
 
 def main(argv=None) -> dict:
@@ -112,7 +77,7 @@ def main(argv=None) -> dict:
                                  "output_dir": f"{tmp}/{kind}_{w}_{r}", "max_epochs": 1,
                                  "epoch_length": args.steps + args.warmup, "val_interval": 2,
                                  "num_workers": w, **extra}
-                    trainer = build_trainer(config, overrides)
+                    trainer = build_trainer("dfr_barlow", config, overrides)
                     batch[kind] = trainer.data_loader.batch_size
                     t = time_steps(trainer, args.warmup)
                     for key in t:
@@ -120,15 +85,8 @@ def main(argv=None) -> dict:
                     print(f"round {r + 1}/{args.rounds} num_workers={w} {kind}: "
                           f"{sum(t['wait']) + sum(t['compute']):.1f} s for {len(t['compute'])} steps", flush=True)
 
-    rows = []
-    for (kind, w), s in samples.items():
-        wait, compute = sum(s["wait"]), sum(s["compute"])
-        n = len(s["compute"])
-        step = (wait + compute) / n
-        views = 2 * batch[kind] if kind == "barlow_twins" else batch[kind]
-        rows.append({"kind": kind, "num_workers": w, "steps": n, "batch_images": batch[kind],
-                     "network_inputs_per_step": views, "step_s": round(step, 4), "steps_per_s": round(1 / step, 3),
-                     "network_inputs_per_s": round(views / step, 2), "data_wait_fraction": round(wait / (wait + compute), 3)})
+    rows = [step_row(kind, s, 2 * batch[kind] if kind == "barlow_twins" else batch[kind], num_workers=w,
+                     batch_images=batch[kind]) for (kind, w), s in samples.items()]
     ref = {r["num_workers"]: r for r in rows if r["kind"] == "supervised"}
     for r in rows:
         r["step_time_vs_supervised"] = round(r["step_s"] / ref[r["num_workers"]]["step_s"], 2)

@@ -87,7 +87,10 @@ class RandModalityBlockMix(RandomizableTransform):
     column ``table[k, :, b]`` is a permutation, so each block position still holds every modality
     exactly once, and the K combinations are pairwise distinct, so the class index is a label of
     the output. :meth:`randomize` draws ``k`` uniformly from ``range(K)`` into :attr:`label`;
-    :meth:`mix` applies a given ``k``. The mixing is one gather on a ``(M, B, *block_shape)`` view.
+    :meth:`mix` applies a given ``k`` as M x B strided block copies straight into the output, each
+    vectorised over the block's voxels: for the few blocks of the pretext this beats a single
+    advanced-indexing gather, which needs extra full copies of the image (measured in
+    ``benchmarks/bench_block_mix.py``).
 
     With an int ``blocks`` B depends on the number of spatial axes (``blocks**spatial_dims``); one
     table per B is kept, and :attr:`combinations` is the table of the most recent input.
@@ -196,21 +199,17 @@ class RandModalityBlockMix(RandomizableTransform):
         if not 0 <= k < self.num_combinations:
             raise ValueError(f"combination index {k} is outside range({self.num_combinations})")
         size = tuple(s // g for s, g in zip(spatial, grid))
-        # (M, g1, s1, g2, s2, ...) -> (M, g1, g2, ..., s1, s2, ...) -> (M, B, s1, s2, ...)
-        split = (m,) + tuple(v for g, s in zip(grid, size) for v in (g, s))
-        order = (0,) + tuple(range(1, 2 * nd, 2)) + tuple(range(2, 2 * nd + 1, 2))
-        back = tuple(int(i) for i in np.argsort(order))
+        sources = table[k].tolist()  # (M, B): output channel c of block b is input channel sources[c][b]
         if isinstance(img, torch.Tensor):
             x = img.as_tensor() if hasattr(img, "as_tensor") else img
-            view = x.reshape(split).permute(order).reshape((m, nb) + size)
-            rows = torch.tensor(table[k], device=x.device)  # a copy: the table is read-only
-            cols = torch.arange(nb, device=x.device)[None, :]
-            out = view[rows, cols].reshape((m,) + grid + size).permute(back).reshape((m,) + spatial)
+            out = torch.empty_like(x)
         else:
             x = np.asarray(img)
-            view = x.reshape(split).transpose(order).reshape((m, nb) + size)
-            out = view[table[k], np.arange(nb)[None, :]].reshape((m,) + grid + size).transpose(back)
-            out = np.ascontiguousarray(out).reshape((m,) + spatial)
+            out = np.empty_like(x)
+        for b, pos in enumerate(np.ndindex(*grid)):
+            block = tuple(slice(p * n, (p + 1) * n) for p, n in zip(pos, size))
+            for c in range(m):  # M x B strided block copies, each vectorised over the block's voxels
+                out[(c,) + block] = x[(sources[c][b],) + block]
         return convert_to_dst_type(out, img)[0]
 
     def __call__(self, img: NdarrayOrTensor, randomize: bool = True) -> NdarrayOrTensor:
