@@ -81,6 +81,19 @@ def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_pa
         torch.testing.assert_close(torch.jit.load(str(ts))(x), reference.eval()(x), rtol=1e-4, atol=1e-4)
 
 
+TINY = ["--max_epochs", "1", "--epoch_length", "2"]  # a stage's wiring, not its numbers
+
+
+def bundle_runner(name: str):
+    """``(bundle_dir, configs_dir, run)`` for the bundle ``name``; ``run(stage, *args, check=True)``."""
+    bundle = REPO / "bundles" / name
+
+    def run(stage: str, *args, check: bool = True):
+        return monai_run(bundle / "configs", stage, *args, check=check)
+
+    return bundle, bundle / "configs", run
+
+
 def case_file(root: Path, modality: str, index: int = 0) -> Path:
     case = sorted(p for p in root.iterdir() if p.is_dir())[index]
     return case / f"{case.name}_{modality}.nii.gz"

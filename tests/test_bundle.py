@@ -11,17 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, check_metadata_and_export, monai_run as bundle_run, damage_label
+from conftest import REPO, TINY, bundle_runner, check_metadata_and_export, damage_label
 
-BUNDLE = REPO / "bundles" / "context_restoration"
-CONFIGS = BUNDLE / "configs"
-TINY = ["--max_epochs", "1", "--epoch_length", "2"]
+BUNDLE, CONFIGS, monai_run = bundle_runner("context_restoration")
 
 pytestmark = pytest.mark.slow
-
-
-def monai_run(stage, *args, check=True):
-    return bundle_run(CONFIGS, stage, *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,12 @@ from PIL import Image
 from medssl.data import DataError, bundle_datalist, make_split, nuclei_cases, write_datalist
 from medssl.networks import DFRUNet
 
-from conftest import REPO, check_metadata_and_export, monai_run as bundle_run
+from conftest import TINY, bundle_runner, check_metadata_and_export
 
-BUNDLE = REPO / "bundles" / "dfr_barlow"
-CONFIGS = BUNDLE / "configs"
-TINY = ["--max_epochs", "1", "--epoch_length", "2", "--batch_size", "4"]
+BUNDLE, CONFIGS, monai_run = bundle_runner("dfr_barlow")
+TINY = [*TINY, "--batch_size", "4"]
 
 pytestmark = pytest.mark.slow
-
-
-def monai_run(stage, *args, check=True):
-    return bundle_run(CONFIGS, stage, *args, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,11 @@ from monai.bundle import ConfigParser
 
 from medssl.networks import CFBUNet
 
-from conftest import REPO, check_metadata_and_export, damage_missing_t1ce, monai_run as bundle_run
+from conftest import TINY, bundle_runner, check_metadata_and_export, damage_missing_t1ce
 
-BUNDLE = REPO / "bundles" / "slem"
-CONFIGS = BUNDLE / "configs"
-TINY = ["--max_epochs", "1", "--epoch_length", "2"]
+BUNDLE, CONFIGS, monai_run = bundle_runner("slem")
 
 pytestmark = pytest.mark.slow
-
-
-def monai_run(stage, *args, check=True):
-    return bundle_run(CONFIGS, stage, *args, check=check)
 
 
 @pytest.fixture(scope="module")
