@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import PACKAGE_DIR
 
-STAGES = ("pretrain", "train", "evaluate", "inference", "multi_gpu_train")
+STAGES = ("pretrain", "train", "prel", "evaluate", "inference", "multi_gpu_train")
 
 
 def bundles_dir() -> Path:

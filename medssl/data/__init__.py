@@ -3,6 +3,6 @@
 from .check import DataError, check_brats_case, check_cases, check_dataset_dir, check_nuclei_case
 from .layouts import (BRATS_LABEL_VALUES, BRATS_MODALITIES, BRATS_REGIONS, LAYOUTS, brats_cases, detect_layout,
                       nuclei_cases)
-from .split import (all_training, bundle_datalist, inference_cases, labelled, load_datalist, make_split, unlabelled,
+from .split import (all_training, bundle_datalist, inference_cases, labelled, load_datalist, make_split, select_modalities, unlabelled,
                     write_datalist)
 from .sample import DownloadError, download, ensure_sample, prepare

@@ -132,15 +132,36 @@ def all_training(datalist: dict) -> list[dict]:
     return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"]]
 
 
-def inference_cases(dataset_dir: str, layout: str | None = None, check: bool = True) -> list[dict]:
-    """Every case of ``dataset_dir`` without labels (what inference reads), validated unless ``check=False``."""
-    layout = layout or detect_layout(dataset_dir)
-    if layout == "brats":
-        from .layouts import brats_cases
+def inference_cases(dataset_dir: str, layout: str | None = None, check: bool = True,
+                    modalities: Sequence[str] | None = None) -> list[dict]:
+    """Every case of ``dataset_dir`` without labels (what inference reads), validated unless ``check=False``.
 
-        cases = brats_cases(dataset_dir, with_label=False)
+    ``modalities`` (BraTS layout) limits the cases to those modalities, in that order: only they have to
+    exist (single-modality inference needs one file per case)."""
+    layout = layout or detect_layout(dataset_dir)
+    extra = {}
+    if layout == "brats":
+        from .layouts import BRATS_MODALITIES, brats_cases
+
+        extra = {"modalities": tuple(modalities or BRATS_MODALITIES)}
+        cases = brats_cases(dataset_dir, with_label=False, **extra)
     else:
         cases = [{k: v for k, v in c.items() if k != "label"} for c in LAYOUTS[layout](dataset_dir)]
     if check:
-        check_cases(cases, layout, context=f"inference input {dataset_dir}")
+        check_cases(cases, layout, context=f"inference input {dataset_dir}", **extra)
     return cases
+
+
+def select_modalities(cases: Sequence[dict], modalities: Sequence[str]) -> list[dict]:
+    """BraTS ``cases`` whose ``image`` keeps only ``modalities`` (in that order; e.g. ``["flair", "t2"]``
+    for the two networks of Semi-CML, ``["t2"]`` for single-modality inference). Only those files are
+    then read."""
+    from .layouts import BRATS_MODALITIES
+
+    if isinstance(modalities, str):
+        modalities = [modalities]
+    unknown = [m for m in modalities if m not in BRATS_MODALITIES]
+    if unknown or not modalities:
+        raise ValueError(f"modalities must be some of {list(BRATS_MODALITIES)}, got {list(modalities)}")
+    index = [BRATS_MODALITIES.index(m) for m in modalities]
+    return [{**c, "image": [c["image"][i] for i in index]} for c in cases]

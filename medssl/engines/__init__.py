@@ -2,6 +2,9 @@
 
 from .barlow_twins import BarlowTwinsIteration, BarlowTwinsNet
 from .seg_contrastive import SegContrastiveIteration
+from .semi import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLabelIteration, SemiCMLIteration,
+                   sigmoid_rampup)
 from .handlers import BestModelSaver, LoadCheckpoint, MetricsReport, ResumableCheckpoint
 
-__all__ = ["SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]
+__all__ = ["ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
+           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

@@ -1,5 +1,6 @@
 """Losses of the medssl methods (context restoration uses torch's MSELoss, its L2 loss)."""
 
 from .lesion_contrastive import LesionAwareContrastiveLoss
+from .semi_cml import AreaSimilarityContrastiveLoss, MutualLearningLoss
 
-__all__ = ["LesionAwareContrastiveLoss"]
+__all__ = ["AreaSimilarityContrastiveLoss", "LesionAwareContrastiveLoss", "MutualLearningLoss"]
