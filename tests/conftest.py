@@ -52,10 +52,11 @@ def monai_run(configs: Path, stage: str, *args, check: bool = True):
     return r
 
 
-def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_path: Path) -> None:
+def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_path: Path, overrides=()) -> None:
     """MONAI's tools on a bundle: ``verify_metadata`` against the shipped schema, ``verify_net_in_out``,
     and ``ckpt_export`` of ``model_pt`` to TorchScript, whose output must equal ``reference`` (an eager
-    network of the same architecture) loaded with the same weights, on input ``x``."""
+    network of the same architecture) loaded with the same weights, on input ``x``. ``overrides``
+    (``--id value`` arguments) go to the two tools that build the network."""
     import subprocess
     import sys
 
@@ -72,10 +73,11 @@ def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_pa
     assert "verified with no error" in tool("verify_metadata", "--meta_file", "configs/metadata.json",
                                             "--filepath", SCHEMA_FILE)
     assert "verified with no error" in tool("verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-                                            "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu")
+                                            "--config_file", "configs/inference.json", "--n", "4", "--device", "cpu",
+                                            *overrides)
     ts = tmp_path / "model.ts"
     tool("ckpt_export", "network_def", "--filepath", ts, "--ckpt_file", model_pt, "--meta_file",
-         "configs/metadata.json", "--config_file", "configs/inference.json")
+         "configs/metadata.json", "--config_file", "configs/inference.json", *overrides)
     reference.load_state_dict(torch.load(model_pt))
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.load(str(ts))(x), reference.eval()(x), rtol=1e-4, atol=1e-4)

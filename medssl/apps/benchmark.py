@@ -28,10 +28,17 @@ from ..utils import atomic_write, atomic_write_json, atomic_write_text
 
 @dataclass
 class Variant:
-    """``train`` overrides of one compared run; ``pretrain`` names the pretraining it starts from."""
+    """``train`` overrides of one compared run; ``pretrain`` names the pretraining it starts from.
+
+    ``stage`` is the bundle stage that trains it (default ``train``); ``continues=(variant, id)`` makes
+    it a second phase: it starts from the ``model.pt`` of that (earlier listed) variant's run at the same
+    fraction and seed, passed as config id ``id`` (e.g. Semi-CML's PReL stage after contrastive mutual
+    learning); its ``train_seconds`` include the first phase's."""
 
     train: dict = field(default_factory=dict)
     pretrain: str | None = None
+    stage: str = "train"
+    continues: tuple[str, str] | None = None
 
 
 @dataclass
@@ -45,6 +52,9 @@ class BenchmarkSpec:
     # per data layout ("brats", "nuclei"): {"regions": [...], "overrides": {ids for every stage},
     # "split": {make_split keyword arguments}}; a layout not listed uses ``regions`` and the defaults
     layouts: dict = field(default_factory=dict)
+    # (variant, fraction): each run's Dice is also reported as a ratio to this reference's Dice at the
+    # same seed and region (e.g. ("baseline", 1.0): full supervision, the upper bound)
+    reference: tuple[str, float] | None = None
 
     def for_layout(self, layout: str) -> tuple[list[str], dict, dict]:
         """(regions, stage overrides, split keyword arguments) for a data set of ``layout``."""
@@ -126,6 +136,27 @@ BENCHMARKS = {
         },
         budgets=BRATS_3D_BUDGETS,
     ),
+    # Zhang et al. 2023 (issue 5): every run trains and evaluates BOTH modality networks ("regions" are the
+    # modalities; the region segmented is whole tumour). Smaller U-Nets than the other BraTS bundles: each
+    # step runs two networks on 2 labelled + 2 unlabelled crops.
+    "semi_cml": BenchmarkSpec(
+        dataset="brats18_2mm",
+        regions=("flair", "t2"),
+        variants={
+            "baseline": Variant({"method": "supervised"}),  # labels only; at fraction 1.0: the upper bound
+            "mean_teacher": Variant({"method": "mean_teacher"}),
+            "cml": Variant({"method": "cml"}),  # Semi-CML without PReL
+            "method": Variant({}, stage="prel", continues=("cml", "cml_ckpt")),  # Semi-CML + PReL
+        },
+        reference=("baseline", 1.0),
+        budgets={
+            "full": {"pretrain": {}, "train": {}},
+            "small": {"pretrain": {}, "train": {"max_epochs": 8, "epoch_length": 25, "val_interval": 4,
+                                                "rampup_epochs": 2, "channels": [8, 16, 32, 64, 128]}},
+            "smoke": {"pretrain": {}, "train": {"max_epochs": 1, "epoch_length": 2, "val_interval": 1,
+                                                "channels": [8, 16, 32, 64, 128]}},
+        },
+    ),
 }
 
 
@@ -206,14 +237,21 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                 if not record.is_file():
                     bar.set_postfix_str(f"seed {seed}, fraction {f:g}: {init}")
                     start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
+                    before = 0.0
+                    if variant.continues:
+                        first, key = variant.continues
+                        first_run = json.loads((seed_dir / f"f{f:g}" / first / "run.json").read_text())
+                        start[key] = str(seed_dir / f"f{f:g}" / first / "model.pt")
+                        before = first_run["train_seconds"]
                     t0 = time.perf_counter()
-                    run_stage(bundle, "train", logging_file, ckpt_dir=str(run_dir), datalist_file=str(datalists[f]),
-                              label_fraction=f, **common, **start, **{**overrides["train"], **variant.train})
-                    train_seconds = time.perf_counter() - t0
-                    # the variant's overrides go to evaluation too (network switches must match; ids
-                    # that evaluate.json does not use are inert there)
+                    run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
+                              datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
+                              **{**overrides["train"], **variant.train})
+                    train_seconds = before + time.perf_counter() - t0
+                    # the budget's and the variant's overrides go to evaluation too (network sizes and
+                    # switches must match; ids that evaluate.json does not use are inert there)
                     run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(run_dir), output_dir=str(run_dir),
-                              datalist_file=str(datalists[f]), **common, **variant.train)
+                              datalist_file=str(datalists[f]), **common, **{**overrides["train"], **variant.train})
                     metrics = json.loads((run_dir / "metrics.json").read_text())
                     n_lab = sum(c.get("labelled", True) for c in json.loads(datalists[f].read_text())["training"])
                     atomic_write_json({"init": init, "fraction": f, "seed": seed, "labelled_cases": n_lab,
@@ -228,6 +266,9 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                 bar.update(1)
     bar.close()
     results["summary"] = summarise(results["runs"], fractions, spec.inits, regions)
+    if spec.reference:
+        results["reference"] = {"init": spec.reference[0], "fraction": spec.reference[1]}
+        results["ratio_to_reference"] = ratios_to_reference(results["runs"], *spec.reference, regions)
     results["peak_rss_mb"] = _peak_rss_mb()
     atomic_write_json(results, out_dir / "results.json")
     atomic_write_text(results_markdown(results, regions), out_dir / "results.md")
@@ -270,6 +311,23 @@ def summarise(runs: list[dict], fractions, inits, regions) -> list[dict]:
     return rows
 
 
+def ratios_to_reference(runs: list[dict], ref_init: str, ref_fraction: float, regions) -> list[dict]:
+    """Per (fraction, variant): mean over seeds of Dice / the reference run's Dice (same seed), per region."""
+    ref = {r["seed"]: r for r in runs if r["init"] == ref_init and r["fraction"] == ref_fraction}
+    groups: dict = {}
+    for r in runs:
+        if r["seed"] in ref:
+            groups.setdefault((r["fraction"], r["init"]), []).append(r)
+    rows = []
+    for (f, init), sel in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        row = {"fraction": f, "init": init, "n_seeds": len(sel)}
+        for g in regions:
+            m, s = _stats([r["dice"][g] / ref[r["seed"]]["dice"][g] for r in sel if ref[r["seed"]]["dice"][g] > 0])
+            row[g] = {"ratio": round(m, 4), "std": round(s, 4)}
+        rows.append(row)
+    return rows
+
+
 def results_markdown(results: dict, regions) -> str:
     rows = results["summary"]
     lines = [f"# {results['bundle']} on {results['dataset']} (budget: {results['budget']}, "
@@ -301,6 +359,13 @@ def results_markdown(results: dict, regions) -> str:
             verdict = "beat" if d > 0 else "did not beat"
             lines.append(f"- fraction {f:g}: `{init}` {verdict} the baseline ({d:+.3f} mean Dice; "
                          f"better in {wins} of {len(results['seeds'])} seeds).")
+    if results.get("ratio_to_reference"):
+        ref = results["reference"]
+        lines += ["", f"Dice as a fraction of `{ref['init']}` at fraction {ref['fraction']:g} (same seed; mean ± std "
+                  "over seeds):", "", "| fraction | init | " + " | ".join(regions) + " |", "|" + "---|" * (2 + len(regions))]
+        for r in results["ratio_to_reference"]:
+            lines.append(f"| {r['fraction']:g} | {r['init']} | "
+                         + " | ".join(f"{r[g]['ratio']:.3f} ± {r[g]['std']:.3f}" for g in regions) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -76,11 +76,16 @@ class ResumableCheckpoint:
 class BestModelSaver:
     """Attach to a validation evaluator: save the network's state dict atomically whenever
     ``key_metric`` (in ``engine.state.metrics``) improves. Its best value is kept in
-    :meth:`state_dict`, so put the saver in a :class:`ResumableCheckpoint` to resume it too."""
+    :meth:`state_dict`, so put the saver in a :class:`ResumableCheckpoint` to resume it too.
+
+    ``save_members``: for a network made of named members (:class:`medssl.networks.PairedNetwork`), also
+    save each member alone as ``<stem>_<name>.pt`` (e.g. ``model_t2.pt``: what single-modality inference,
+    ``ckpt_export`` and a model zoo load)."""
 
     def __init__(self, save_dir: str, network: torch.nn.Module, key_metric: str = "val_mean_dice",
-                 filename: str = "model.pt", higher_is_better: bool = True):
+                 filename: str = "model.pt", higher_is_better: bool = True, save_members: bool = False):
         self.path = Path(save_dir) / filename
+        self.save_members = save_members
         self.network = network
         self.key_metric = key_metric
         self.sign = 1.0 if higher_is_better else -1.0
@@ -97,7 +102,11 @@ class BestModelSaver:
         if self.sign * value > self.best or not self.path.exists():
             self.best = max(self.best, self.sign * value)
             self.best_epoch = int(engine.state.epoch)
-            atomic_torch_save(_unwrap(self.network).state_dict(), self.path)
+            net = _unwrap(self.network)
+            if self.save_members:
+                for name, member in net.networks.items():
+                    atomic_torch_save(_unwrap(member).state_dict(), self.path.with_name(f"{self.path.stem}_{name}.pt"))
+            atomic_torch_save(net.state_dict(), self.path)
             logger.info("new best %s=%.4f, saved %s", self.key_metric, value, self.path)
 
     def state_dict(self) -> dict:

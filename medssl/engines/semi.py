@@ -315,18 +315,20 @@ class ChooseStronger:
                               self.output_file)
 
 
-def keep_networks(checkpoint: str, ckpt_dir: str, filename: str = "model.pt") -> str:
+def keep_networks(checkpoint: str, ckpt_dir: str) -> str:
     """What the PReL stage does when the datalist has no unlabelled case (e.g. 100% labels): there is
-    nothing to pseudo-label, so the contrastive-mutual-learning networks are kept unchanged - copied
-    atomically to ``ckpt_dir/filename`` - with a warning instead of an error, so that a pipeline
-    train -> prel -> evaluate runs at every label fraction."""
+    nothing to pseudo-label, so the contrastive-mutual-learning networks are kept unchanged - the
+    checkpoint and its per-member files (``model.pt``, ``model_<name>.pt``) copied atomically into
+    ``ckpt_dir`` - with a warning instead of an error, so that a pipeline train -> prel -> evaluate runs
+    at every label fraction."""
     import shutil
     from pathlib import Path
 
     from ..utils import atomic_write
 
-    target = Path(ckpt_dir) / filename
+    src = Path(checkpoint)
     logger.warning(f"PReL: the datalist has no unlabelled training case, so there is nothing to re-learn from; "
-                   f"keeping the networks of {checkpoint} unchanged -> {target}")
-    atomic_write(target, lambda tmp: shutil.copyfile(checkpoint, tmp))
-    return str(target)
+                   f"keeping the networks of {src} unchanged -> {ckpt_dir}")
+    for f in [src, *sorted(src.parent.glob(f"{src.stem}_*.pt"))]:
+        atomic_write(Path(ckpt_dir) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
+    return str(Path(ckpt_dir) / src.name)
