@@ -1,0 +1,84 @@
+"""Axial BraTS slices with image-level labels, for weakly supervised segmentation (issue 6).
+
+The image-level label of a slice ("tumour present") is derived from the segmentation at data-preparation
+time, by an area threshold; :func:`weak_slice_datalist` then keeps the pixel labels ONLY in the
+validation and test slices (for evaluation): a training slice carries ``class`` and never ``label``, and
+:func:`image_level_only` refuses a training list that does.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+
+from .check import DataError
+
+
+@functools.lru_cache(maxsize=64)
+def _volume(images: tuple[str, ...], label: str | None):
+    """(4, H, W, D) z-normalised float32 image (RAS, per channel over the brain) and (H, W, D) seg."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd
+
+    keys = ["image"] + (["label"] if label else [])
+    load = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS"),
+                    NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
+    d = load({"image": list(images), **({"label": label} if label else {})})
+    seg = np.asarray(d["label"][0]) if label else None
+    return np.asarray(d["image"], dtype=np.float32), seg
+
+
+def brats_axial_slices(cases: Sequence[dict], area_threshold: int = 50, with_pixel_labels: bool = False,
+                       min_brain_fraction: float = 0.05) -> list[dict]:
+    """One item per axial slice of every case that shows brain (at least ``min_brain_fraction`` of its
+    pixels non-zero in the first modality):
+    ``{"image": (C, H, W) float32, "class": 1.0 if the whole tumour covers >= area_threshold pixels else 0.0,
+    "case", "slice", "tumour_pixels"}``, plus ``"label": (1, H, W)`` whole-tumour mask when
+    ``with_pixel_labels`` (evaluation only). Volumes are z-normalised per channel over the brain first.
+    """
+    out = []
+    for case in cases:
+        image, seg = _volume(tuple(case["image"]), case.get("label"))
+        if seg is None:
+            raise DataError([f"{case.get('case', case['image'][0])}: no segmentation; expected a seg file to "
+                             "derive the image-level labels from"])
+        wt = seg > 0
+        brain = (image[0] != 0).mean(axis=(0, 1))
+        area = wt.sum(axis=(0, 1))
+        for z in np.flatnonzero(brain >= min_brain_fraction):
+            item = {"image": np.ascontiguousarray(image[..., z]), "class": float(area[z] >= area_threshold),
+                    "case": case.get("case", ""), "slice": int(z), "tumour_pixels": int(area[z])}
+            if with_pixel_labels:
+                item["label"] = wt[None, ..., z].astype(np.float32)
+            out.append(item)
+    return out
+
+
+def image_level_only(items: Sequence[dict], context: str = "training slices") -> list[dict]:
+    """``items`` unchanged if none carries a pixel ``label`` and both image-level classes occur; else a
+    :class:`DataError` (a weakly supervised model must never see pixel labels, and needs positive and
+    negative images to learn what a tumour looks like)."""
+    leaked = [f"{i.get('case', '?')} slice {i.get('slice', '?')}" for i in items if "label" in i]
+    if leaked:
+        raise DataError([f"{context}: {len(leaked)} item(s) carry pixel labels (first: {leaked[0]}); expected "
+                         "image-level labels only ('class')"])
+    classes = {float(i["class"]) for i in items}
+    missing = [name for value, name in ((1.0, "positive (tumour)"), (0.0, "negative (tumour-free)")) if value not in classes]
+    if missing:
+        raise DataError([f"{context}: {len(items)} slice(s) but no {' and no '.join(missing)} image-level label; "
+                         "expected both classes (lower area_threshold, or add cases)"])
+    return list(items)
+
+
+def weak_slice_datalist(datalist: dict, area_threshold: int = 50, min_brain_fraction: float = 0.05) -> dict:
+    """Slices of a case-level datalist: ``training`` with image-level labels only (checked by
+    :func:`image_level_only`), ``validation`` and ``test`` with pixel labels for evaluation."""
+    training = [{k: v for k, v in i.items() if k != "label"}
+                for i in brats_axial_slices(datalist["training"], area_threshold, False, min_brain_fraction)]
+    return {"training": image_level_only(training),
+            **{k: brats_axial_slices(datalist.get(k, []), area_threshold, True, min_brain_fraction)
+               for k in ("validation", "test")}}
+
+
+__all__ = ["brats_axial_slices", "image_level_only", "weak_slice_datalist"]
