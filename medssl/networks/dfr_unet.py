@@ -112,10 +112,14 @@ class DFRUNet(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self._encode(x)[0]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, skips = self._encode(x)
+    def _decode(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         for i, level in enumerate(self.decoders):
             x = level(x, skips[-1 - i])
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, skips = self._encode(x)
+        x = self._decode(x, skips)
         return self.head(x), x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@
 from .context_swap import RandContextSwap, RandContextSwapd
 from .channels import AsChannels, AsChannelsd
 from .block_mix import RandModalityBlockMix, RandModalityBlockMixd
+from .patch_mask import RandPatchMask, RandPatchMaskd
 from .views import RandTwoViewsd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
 
-__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]

@@ -1,0 +1,62 @@
+"""Classifier with class activation maps and a refined-CAM segmentation head (Cluster-Re-Supervision,
+Kuang et al., IEEE JBHI 27(10):4890-4901, 2023), on a plain U-Net."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monai.networks.layers.factories import Conv
+
+from .dfr_unet import DFRUNet
+
+
+class CAMSegNet(nn.Module):
+    """A plain U-Net (:class:`DFRUNet` with its four elements off) with three heads:
+
+    - classification: a 1x1 convolution of the bottleneck features gives the class activation map
+      (Zhou et al., CVPR 2016) at the bottleneck resolution; its global average is the image-level
+      tumour logit, so the CAM is exactly each position's share of the class score;
+    - segmentation (the *refined CAM*): the U-Net's own output, one logit per pixel, trained from
+      cluster maps (:class:`medssl.engines.ClusterReSupervisionIteration`);
+    - reconstruction (optional): a 1x1 convolution of the last decoder features predicting one image
+      channel (inter-modality reconstruction from a masked input, the auxiliary task).
+
+    ``forward(x)`` returns the refined-CAM logits ``(B, 1, *spatial)`` (what inferers and exports call);
+    :meth:`outputs` returns every head plus the pixel features; :meth:`classify` the logits ``(B, 1)``.
+    Inputs must be divisible by ``2 ** (len(channels) - 1)``; 2D and 3D alike.
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 4, channels: Sequence[int] = (16, 32, 64, 128, 256),
+                 reconstruction: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.spatial_dims = spatial_dims
+        self.backbone = DFRUNet(spatial_dims, in_channels, 1, channels, channel_attention=False,
+                                spatial_attention=False, dilation=False, compression=False, dropout=dropout)
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.classifier = conv(channels[-1], 1, 1)
+        self.reconstruction = conv(channels[0], 1, 1) if reconstruction else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone.encode(x)).flatten(2).mean(2)
+
+    def outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``seg`` (B, 1, *S) refined-CAM logits, ``cls`` (B,) tumour logits, ``cam`` (B, 1, *S) the class
+        activation map upsampled to the input, ``features`` (B, channels[0], *S) pixel features."""
+        bottleneck, skips = self.backbone._encode(x)
+        features = self.backbone._decode(bottleneck, skips)
+        cam = self.classifier(bottleneck)
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        return {"seg": self.backbone.head(features), "cls": cam.flatten(1).mean(1),
+                "cam": F.interpolate(cam, size=x.shape[2:], mode=mode, align_corners=False), "features": features}
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reconstruction is None:
+            raise RuntimeError("this CAMSegNet was built with reconstruction=False")
+        return self.reconstruction(self.backbone.forward_features(x)[1])

@@ -1,0 +1,110 @@
+"""Cluster re-supervision parts (issue 6) on real BraTS slices: cluster maps, the network, the iteration."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from ignite.engine import Events
+from monai.data import DataLoader
+from monai.engines import SupervisedTrainer
+
+from medssl.data import brats_axial_slices, brats_cases
+from medssl.engines import ClusterReSupervisionIteration
+from medssl.losses import ClusterReSupervisionLoss, cluster_maps
+from medssl.networks import CAMSegNet
+from medssl.transforms import RandPatchMaskd
+
+
+@pytest.fixture(scope="module")
+def tumour_slices(brats_dir):
+    """The largest-tumour axial slice of each of 8 real cases (image (4, H, W), label (1, H, W))."""
+    out = []
+    for case in brats_cases(brats_dir)[:8]:
+        sl = brats_axial_slices([case], with_pixel_labels=True)
+        out.append(max(sl, key=lambda s: s["tumour_pixels"]))
+    return out
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_cluster_maps_cover_the_tumour_that_a_peaked_cam_misses(tumour_slices):
+    """A CAM peaked on the most discriminative part (inside the tumour) thresholded at half its maximum
+    under-segments; whole clusters of the same image recover most of the tumour."""
+    rows = []
+    for s in tumour_slices:
+        y = s["label"][0] > 0
+        cam = ndimage.gaussian_filter(ndimage.distance_transform_edt(y), 2)
+        x = torch.as_tensor(s["image"])[None]
+        maps = cluster_maps(x, torch.as_tensor(cam, dtype=torch.float32)[None, None], torch.ones(1), x[:, 0] != 0,
+                            num_clusters=4)["maps"][0, 0].numpy() > 0
+        thr = cam >= 0.5 * cam.max()
+        rows.append(((maps & y).sum() / y.sum(), (thr & y).sum() / y.sum(), _dice(maps, y), _dice(thr, y)))
+    recall_maps, recall_cam, dice_maps, dice_cam = np.mean(rows, axis=0)
+    assert recall_maps > recall_cam + 0.3 and dice_maps > dice_cam
+
+
+def test_cluster_contribution_is_the_score_drop_and_negatives_get_empty_maps(tumour_slices):
+    s = tumour_slices[0]
+    x = torch.as_tensor(s["image"])[None].repeat(2, 1, 1, 1)
+    cam = torch.rand(2, 1, *x.shape[2:])
+    out = cluster_maps(x, cam, torch.tensor([1.0, 0.0]), x[:, 0] != 0, num_clusters=3)
+    labels = out["labels"][0]
+    for k in range(3):  # masking cluster k out of the CAM lowers its global average by drop_k
+        masked = cam[0, 0].flatten().clone()
+        masked[labels == k] = 0
+        assert torch.isclose(cam[0].mean() - masked.mean(), out["drop"][0, k], atol=1e-5)
+    assert out["maps"][1].sum() == 0 and out["maps"][0].sum() > 0
+    assert (labels[(x[0, 0] == 0).flatten()] == -1).all()  # background pixels are not clustered
+
+
+def test_too_many_clusters_for_the_feature_pixels_is_refused(tumour_slices):
+    x = torch.as_tensor(tumour_slices[0]["image"])[None]
+    n = int((x[:, 0] != 0).sum())
+    with pytest.raises(ValueError, match=f"K={n + 1} exceeds the {n} valid feature pixels"):
+        cluster_maps(x, torch.rand(1, 1, *x.shape[2:]), torch.ones(1), x[:, 0] != 0, num_clusters=n + 1)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_cam_segnet_heads(dims):
+    net = CAMSegNet(dims, 4, (4, 8, 16), reconstruction=True).eval()
+    x = torch.randn(2, 4, *([32] * dims))
+    out = net.outputs(x)
+    assert out["seg"].shape == (2, 1, *([32] * dims)) and out["cam"].shape == (2, 1, *([32] * dims))
+    assert out["features"].shape == (2, 4, *([32] * dims)) and out["cls"].shape == (2,)
+    torch.testing.assert_close(net.classify(x)[:, 0], out["cls"])
+    torch.testing.assert_close(net(x), out["seg"])
+    assert net.reconstruct(x).shape == (2, 1, *([32] * dims))
+    with pytest.raises(RuntimeError, match="reconstruction=False"):
+        CAMSegNet(dims, 4, (4, 8, 16), reconstruction=False).reconstruct(x)
+
+
+def test_iteration_trains_classifier_then_resupervision_and_reconstruction(brats_dir):
+    items = [s for s in brats_axial_slices(brats_cases(brats_dir)[:2])][::4]
+    data = []
+    mask = RandPatchMaskd("image", patch_size=8, mask_ratio=0.5, mask_key="mask").set_random_state(0)
+    for s in items:
+        img = torch.zeros(4, 96, 96)
+        h, w = s["image"].shape[1:]
+        img[:, :h, :w] = torch.as_tensor(s["image"])
+        d = {"image": img, "class": torch.tensor(s["class"]), "masked_image": img.clone()}
+        d["masked_image"] = mask({"image": d["masked_image"]})["image"]
+        data.append(d)
+    assert {float(d["class"]) for d in data} == {0.0, 1.0}
+    torch.manual_seed(0)
+    net = CAMSegNet(2, 4, (8, 16, 32))
+    resup = ClusterReSupervisionLoss(num_clusters=4)
+    it = ClusterReSupervisionIteration(resup, 1.0, reconstruction_weight=1.0, start_iteration=3)
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=4,
+                                train_data_loader=DataLoader(data, batch_size=4, shuffle=True), network=net,
+                                optimizer=torch.optim.Adam(net.parameters(), 1e-3), loss_function=None,
+                                iteration_update=it)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(
+        (float(e.state.output[0]["resupervision_loss"]), float(e.state.output[0]["reconstruction_loss"]))))
+    trainer.run()
+    assert [r for r, _ in seen[:2]] == [0.0, 0.0] and all(r > 0 for r, _ in seen[2:])  # from iteration 3 on
+    assert all(rec > 0 for _, rec in seen)
+    assert resup.last["maps"].shape == (4, 1, 96, 96)
