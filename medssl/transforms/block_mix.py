@@ -19,8 +19,10 @@ import torch
 
 from monai.config import KeysCollection
 from monai.config.type_definitions import NdarrayOrTensor
-from monai.transforms import MapTransform, Randomizable, RandomizableTransform
+from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
+
+from .wrapper import RandomDictWrapper
 
 # at most this many possible combinations are enumerated (sampled by index without replacement);
 # above it, random permutations are drawn and duplicates rejected
@@ -220,7 +222,7 @@ class RandModalityBlockMix(RandomizableTransform):
         return self.mix(img, self.label)
 
 
-class RandModalityBlockMixd(Randomizable, MapTransform):
+class RandModalityBlockMixd(RandomDictWrapper):
     """Dictionary wrapper of :class:`RandModalityBlockMix`.
 
     One class index is drawn per call and the same combination is applied to every key; the index
@@ -236,25 +238,21 @@ class RandModalityBlockMixd(Randomizable, MapTransform):
                  allow_missing_keys: bool = False, spatial_dims: int | None = None,
                  spatial_size: Sequence[int] | None = None):
         MapTransform.__init__(self, keys, allow_missing_keys)
-        self.mixer = RandModalityBlockMix(num_modalities, blocks, num_combinations, seed, spatial_dims, spatial_size)
+        RandomizableTransform.__init__(self, 1.0)
+        self.mixer = self.inner = RandModalityBlockMix(num_modalities, blocks, num_combinations, seed, spatial_dims,
+                                                       spatial_size)
         self.label_key = label_key
 
     @property
     def combinations(self) -> np.ndarray:
         return self.mixer.combinations
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.mixer.set_random_state(seed, state)
-        return self
-
     def randomize(self, data=None) -> None:
+        super().randomize(None)
         self.mixer.randomize()
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        self.randomize()
-        keys = list(self.key_iterator(d))
+        d, keys = self.present(data)
         if not keys:
             return d
         k = self.mixer.label

@@ -20,6 +20,8 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import ensure_tuple_rep
 
+from .wrapper import RandomDictWrapper
+
 
 def _raw(img: NdarrayOrTensor):
     """A plain view of ``img`` sharing its memory: numpy for numpy and CPU tensors, a bare tensor
@@ -138,7 +140,7 @@ class RandContextSwap(RandomizableTransform):
         return self.swap(img, self.corners)
 
 
-class RandContextSwapd(RandomizableTransform, MapTransform):
+class RandContextSwapd(RandomDictWrapper):
     """Dictionary wrapper of :class:`RandContextSwap`: the same patches are swapped in every key.
 
     The foreground for ``foreground_only`` is taken from the first key. With ``corners_key`` set,
@@ -152,18 +154,11 @@ class RandContextSwapd(RandomizableTransform, MapTransform):
                  corners_key: str | None = None, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.swapper = RandContextSwap(patch_size, num_swaps, 1.0, foreground_only, select_fn, max_attempts)
+        self.swapper = self.inner = RandContextSwap(patch_size, num_swaps, 1.0, foreground_only, select_fn, max_attempts)
         self.corners_key = corners_key
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.swapper.set_random_state(seed, state)
-        return self
-
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        self.randomize(None)
-        keys = list(self.key_iterator(d))
+        d, keys = self.present(data)
         if not keys:
             return d
         if self._do_transform:

@@ -27,6 +27,8 @@ from monai.config.type_definitions import NdarrayOrTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type, ensure_tuple_rep
 
+from .wrapper import RandomDictWrapper
+
 
 class RandPatchMask(RandomizableTransform):
     """Mask a random, exact fraction of the cells of a regular patch grid (inter-modality reconstruction).
@@ -145,7 +147,7 @@ class RandPatchMask(RandomizableTransform):
         return self.apply_mask(img, self.mask)
 
 
-class RandPatchMaskd(RandomizableTransform, MapTransform):
+class RandPatchMaskd(RandomDictWrapper):
     """Dictionary wrapper of :class:`RandPatchMask`: one draw per call, the same mask for every key.
 
     The mask is drawn for the shape of the first present key; every key must have the same spatial
@@ -165,18 +167,11 @@ class RandPatchMaskd(RandomizableTransform, MapTransform):
                  mask_key: str = "mask", allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        self.masker = RandPatchMask(patch_size, mask_ratio, fill_value, same_for_all_channels, prob=1.0)
+        self.masker = self.inner = RandPatchMask(patch_size, mask_ratio, fill_value, same_for_all_channels, prob=1.0)
         self.mask_key = mask_key
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        super().set_random_state(seed, state)
-        self.masker.set_random_state(seed, state)
-        return self
-
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        self.randomize(None)
-        keys = list(self.key_iterator(d))
+        d, keys = self.present(data)
         if not keys:
             return d
         first = d[keys[0]]
