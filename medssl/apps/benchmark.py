@@ -30,14 +30,15 @@ from ..utils import atomic_write, atomic_write_json, atomic_write_text
 class Variant:
     """``train`` overrides of one compared run; ``pretrain`` names the pretraining it starts from.
 
-    ``stage`` is the bundle stage that trains it (default ``train``); ``continues=(variant, id)`` makes
+    ``stage`` is the bundle stage that trains it (default ``train``; None: no training, only the
+    evaluation - with the variant's overrides - of the continued variant's model); ``continues=(variant, id)`` makes
     it a second phase: it starts from the ``model.pt`` of that (earlier listed) variant's run at the same
     fraction and seed, passed as config id ``id`` (e.g. Semi-CML's PReL stage after contrastive mutual
     learning); its ``train_seconds`` include the first phase's."""
 
     train: dict = field(default_factory=dict)
     pretrain: str | None = None
-    stage: str = "train"
+    stage: str | None = "train"
     continues: tuple[str, str] | None = None
 
 
@@ -157,6 +158,27 @@ BENCHMARKS = {
                                                 "channels": [8, 16, 32, 64, 128]}},
         },
     ),
+    # Kuang et al. 2023 (issue 6): image-level labels on every training slice, so one "fraction" (1.0);
+    # evaluation on the test slices: Dice/HD95 on tumour slices, under-/over-segmentation, FP rate
+    "cluster_resupervision": BenchmarkSpec(
+        dataset="brats18_2mm",
+        regions=("WT",),
+        variants={
+            "baseline": Variant({"method": "cam", "output": "cam"}),  # plain CAM thresholding
+            "gradcam": Variant({"method": "cam", "output": "gradcam"}, stage=None, continues=("baseline", "ckpt_dir")),
+            "no_reconstruction": Variant({"reconstruction_weight": 0.0}),
+            "method": Variant({}),
+            "supervised": Variant({"method": "supervised"}),  # pixel labels: the upper bound
+        },
+        budgets={
+            "full": {"pretrain": {}, "train": {}},
+            "small": {"pretrain": {}, "train": {"max_epochs": 10, "epoch_length": 20, "resupervision_start_epoch": 3,
+                                                "rampup_epochs": 2}},
+            "smoke": {"pretrain": {}, "train": {"max_epochs": 2, "epoch_length": 2, "batch_size": 4,
+                                                "resupervision_start_epoch": 1, "rampup_epochs": 0,
+                                                "channels": [8, 16, 32, 64, 128]}},
+        },
+    ),
 }
 
 
@@ -244,13 +266,17 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                         start[key] = str(seed_dir / f"f{f:g}" / first / "model.pt")
                         before = first_run["train_seconds"]
                     t0 = time.perf_counter()
-                    run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
-                              datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
-                              **{**overrides["train"], **variant.train})
+                    ckpt_dir = run_dir
+                    if variant.stage is None:  # evaluation only, of the continued variant's model
+                        ckpt_dir = seed_dir / f"f{f:g}" / variant.continues[0]
+                    else:
+                        run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
+                                  datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
+                                  **{**overrides["train"], **variant.train})
                     train_seconds = before + time.perf_counter() - t0
                     # the budget's and the variant's overrides go to evaluation too (network sizes and
                     # switches must match; ids that evaluate.json does not use are inert there)
-                    run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(run_dir), output_dir=str(run_dir),
+                    run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run_dir),
                               datalist_file=str(datalists[f]), **common, **{**overrides["train"], **variant.train})
                     metrics = json.loads((run_dir / "metrics.json").read_text())
                     n_lab = sum(c.get("labelled", True) for c in json.loads(datalists[f].read_text())["training"])
@@ -259,7 +285,7 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                                        "mean_hd95": metrics.get("mean_hd95"), "hd95": metrics.get("hd95"),
                                        "train_seconds": round(train_seconds, 1),
                                        "test_cases": metrics["num_cases"],
-                                       **{k: metrics[k] for k in ("precision", "mean_iou", "mean_miou") if k in metrics}},
+                                       **{k: metrics[k] for k in RUN_METRICS if k in metrics}},
                                       record)
                 results["runs"].append(json.loads(record.read_text()))
                 atomic_write_json(results, out_dir / "results.json")
@@ -288,7 +314,10 @@ def _stats(values):
     return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
 
 
-EXTRA_METRICS = {"precision": "precision", "mean_miou": "mIoU"}
+EXTRA_METRICS = {"precision": "precision", "mean_miou": "mIoU", "under_segmentation": "under-seg.",
+                 "over_segmentation": "over-seg.", "false_positive_rate": "FP rate (tumour-free)"}
+# metrics a run record keeps besides Dice and HD95, where the bundle's evaluation reports them
+RUN_METRICS = ("precision", "mean_iou", "mean_miou", "under_segmentation", "over_segmentation", "false_positive_rate")
 
 
 def summarise(runs: list[dict], fractions, inits, regions) -> list[dict]:

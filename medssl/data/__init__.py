@@ -6,4 +6,4 @@ from .layouts import (BRATS_LABEL_VALUES, BRATS_MODALITIES, BRATS_REGIONS, LAYOU
 from .split import (all_training, bundle_datalist, inference_cases, labelled, load_datalist, make_split, select_modalities, unlabelled,
                     write_datalist)
 from .sample import DownloadError, download, ensure_sample, prepare
-from .slices import brats_axial_slices, image_level_only, weak_slice_datalist
+from .slices import brats_axial_slices, image_level_only, training_slices, weak_slice_datalist

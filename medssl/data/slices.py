@@ -81,4 +81,16 @@ def weak_slice_datalist(datalist: dict, area_threshold: int = 50, min_brain_frac
                for k in ("validation", "test")}}
 
 
-__all__ = ["brats_axial_slices", "image_level_only", "weak_slice_datalist"]
+
+
+
+def training_slices(datalist: dict, supervision: str = "image", area_threshold: int = 50,
+                    min_brain_fraction: float = 0.05) -> list[dict]:
+    """The training slices of a case-level datalist: image-level labels only (``supervision="image"``,
+    checked by :func:`image_level_only`), or with pixel labels (``"pixel"``: the fully supervised
+    upper bound, never a weakly supervised method)."""
+    if supervision == "image":
+        return weak_slice_datalist({"training": datalist["training"]}, area_threshold, min_brain_fraction)["training"]
+    if supervision == "pixel":
+        return brats_axial_slices(datalist["training"], area_threshold, True, min_brain_fraction)
+    raise ValueError(f"supervision must be 'image' or 'pixel', got {supervision!r}")

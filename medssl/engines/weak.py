@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -69,3 +71,71 @@ class ClusterReSupervisionIteration:
             rec = self.reconstruction_weight * F.mse_loss(model.reconstruct(masked), target)
         out.update(loss=cls + resup + rec, classification_loss=cls, resupervision_loss=resup, reconstruction_loss=rec)
         return optimise(engine, out)
+
+
+class WeakSegReport:
+    """Attach to an evaluator over 2D slices with pixel labels (evaluation only): at completion write
+    ``output_file`` (JSON, atomically) with the two failure modes weak supervision targets reported
+    separately:
+
+    - ``dice`` / ``hd95`` (``{region: value}`` and ``mean_*``): over *tumour slices* (image-level class 1,
+      i.e. at least the area threshold of tumour); HD95 in pixels, a slice without prediction skipped;
+    - ``under_segmentation``: mean over tumour slices of missed tumour / tumour area (FN / |GT|);
+    - ``over_segmentation``: mean over tumour slices of predicted non-tumour / tumour area (FP / |GT|);
+    - ``false_positive_rate``: fraction of *tumour-free* slices (no tumour pixel) with any predicted pixel.
+
+    Slices with a little tumour below the threshold count in neither group. Reads ``pred`` and ``label``
+    (binary ``(1, H, W)``) from the decollated output and ``class_key`` / ``area_key`` from the batch.
+    """
+
+    def __init__(self, output_file: str, region: str = "WT", class_key: str = "class", area_key: str = "tumour_pixels",
+                 extra: dict | None = None):
+        self.output_file, self.region = output_file, region
+        self.class_key, self.area_key = class_key, area_key
+        self.extra = dict(extra or {})
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _collect(self, engine) -> None:
+        from monai.metrics import compute_hausdorff_distance
+
+        batch = engine.state.batch if isinstance(engine.state.batch, list) else [engine.state.batch]
+        for item, out in zip(batch, engine.state.output):
+            pred, gt = out["pred"].detach().bool().reshape(-1), out["label"].detach().bool().reshape(-1)
+            area = int(gt.sum())
+            row = {"case": item.get("case"), "slice": int(item.get("slice", -1)), "tumour": float(item[self.class_key]) > 0.5,
+                   "free": int(item.get(self.area_key, area)) == 0, "predicted": int(pred.sum())}
+            if row["tumour"]:
+                tp = int((pred & gt).sum())
+                row["dice"] = 2 * tp / max(area + row["predicted"], 1)
+                row["under"] = (area - tp) / area
+                row["over"] = (row["predicted"] - tp) / area
+                hd = compute_hausdorff_distance(out["pred"][None].float(), out["label"][None].float(), percentile=95)
+                row["hd95"] = float(hd) if row["predicted"] and math.isfinite(float(hd)) else None
+            self.rows.append(row)
+
+    def __call__(self, engine) -> None:
+        import numpy as np
+
+        from ..utils import atomic_write_json
+
+        tumour = [r for r in self.rows if r["tumour"]]
+        free = [r for r in self.rows if r["free"]]
+
+        def mean(key):
+            v = [r[key] for r in tumour if r.get(key) is not None]
+            return round(float(np.mean(v)), 6) if v else None
+
+        report = {"num_cases": len(self.rows), "num_tumour_slices": len(tumour), "num_tumour_free_slices": len(free),
+                  "dice": {self.region: mean("dice")}, "mean_dice": mean("dice"),
+                  "hd95": {self.region: mean("hd95")}, "mean_hd95": mean("hd95"),
+                  "under_segmentation": mean("under"), "over_segmentation": mean("over"),
+                  "false_positive_rate": round(sum(r["predicted"] > 0 for r in free) / len(free), 6) if free else None,
+                  "hd95_unit": "pixels", **self.extra, "per_slice": self.rows}
+        atomic_write_json(report, self.output_file)

@@ -65,10 +65,15 @@ class ClusterReSupervisionLoss(_Loss):
     applies to the Dice part per image (MONAI's ``DiceCELoss`` semantics)."""
 
     def __init__(self, num_clusters: int = 4, alpha: float = 0.5, iters: int = 10, seed: int | None = 0,
-                 reduction: LossReduction | str = LossReduction.MEAN):
+                 reduction: LossReduction | str = LossReduction.MEAN, feature_pixels: int | None = None):
+        """``feature_pixels``: the number of pixel features of one training image (e.g. the crop size),
+        to refuse an impossible ``num_clusters`` when the config is parsed rather than mid-training."""
         super().__init__(reduction=LossReduction(reduction).value)
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
+        if feature_pixels is not None and num_clusters > feature_pixels:
+            raise ValueError(f"K={num_clusters} exceeds the {feature_pixels} feature pixels of one training image "
+                             "(num_clusters must be at most the number of pixels clustered)")
         self.num_clusters, self.alpha, self.iters, self.seed = int(num_clusters), float(alpha), int(iters), seed
         self.dice_ce = DiceCELoss(sigmoid=True, reduction=self.reduction, smooth_nr=1e-5, smooth_dr=1e-5)
         self.last: dict = {}

@@ -60,3 +60,55 @@ class CAMSegNet(nn.Module):
         if self.reconstruction is None:
             raise RuntimeError("this CAMSegNet was built with reconstruction=False")
         return self.reconstruction(self.backbone.forward_features(x)[1])
+
+
+class _Classifier(nn.Module):
+    """``net.classify`` as a module's forward (what MONAI's GradCAM calls)."""
+
+    def __init__(self, net: CAMSegNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.classify(x)
+
+
+class CAMOutput(nn.Module):
+    """A :class:`CAMSegNet` seen through one of its localisation outputs, as a tumour probability map
+    ``(B, 1, *spatial)`` in [0, 1] (threshold it at 0.5 for a mask):
+
+    - ``"refined"``: ``sigmoid`` of the refined-CAM head (the method);
+    - ``"cam"``: the class activation map, ReLU'd and divided by its maximum per image (plain CAM);
+    - ``"gradcam"``: MONAI's ``GradCAM`` of the classification logit at the bottleneck (normalised per image).
+
+    With ``gate`` (CAM and Grad-CAM) the map is zeroed on images the classifier calls tumour-free
+    (probability < 0.5): a normalised CAM always has a maximum of 1, even without tumour.
+    """
+
+    MODES = ("refined", "cam", "gradcam")
+
+    def __init__(self, net: CAMSegNet, mode: str = "refined", gate: bool = True):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"output must be one of {list(self.MODES)}, got {mode!r}")
+        self.net, self.mode, self.gate = net, mode, gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "refined":
+            return torch.sigmoid(self.net(x))
+        if self.mode == "cam":
+            out = self.net.outputs(x)
+            cam, logit = F.relu(out["cam"]), out["cls"]
+            cam = cam / cam.flatten(1).amax(1).clamp(min=1e-8).reshape(-1, *([1] * (cam.ndim - 1)))
+        else:
+            from monai.visualize import GradCAM
+
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)
+                cam = GradCAM(nn_module=_Classifier(self.net), target_layers="net.backbone.bottleneck")(x, class_idx=0)
+            with torch.no_grad():
+                logit = self.net.classify(x.detach())[:, 0]
+            cam = cam.detach()
+        if self.gate:
+            cam = cam * (torch.sigmoid(logit) >= 0.5).to(cam.dtype).reshape(-1, *([1] * (cam.ndim - 1)))
+        return cam

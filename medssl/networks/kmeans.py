@@ -68,6 +68,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 10, seed: int | None = 0, valid
     is re-seeded at the valid points farthest from their centroids (the i-th empty cluster of a
     problem at its i-th farthest point), which never increases the inertia.
     """
+    x = x.as_subclass(torch.Tensor)  # a MetaTensor's metadata means nothing here (and breaks new_empty)
+    if valid is not None:
+        valid = valid.as_subclass(torch.Tensor)
     if x.ndim != 3:
         raise ValueError(f"x must be (B, N, D) (a batch of N points of dimension D), got shape {tuple(x.shape)}")
     b, n, dim = x.shape
