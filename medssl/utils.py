@@ -60,3 +60,13 @@ def check_choice(name: str, value: str, choices) -> str:
     if value not in tuple(choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def full_batches(num_items: int, batch_size: int, what: str = "training set") -> int:
+    """``batch_size`` if ``num_items`` fill at least one batch (for loaders with ``drop_last=True``),
+    else a ``ValueError``: with fewer items than one batch every epoch would be empty and the run would
+    "finish" without a single step."""
+    if int(num_items) < int(batch_size):
+        raise ValueError(f"the {what} has {num_items} item(s), fewer than one batch of {batch_size} with drop_last: "
+                         "nothing would train; lower batch_size or add data")
+    return int(batch_size)

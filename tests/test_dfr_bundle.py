@@ -116,6 +116,11 @@ def test_brats_axial_slices_through_the_same_bundle(tmp_path, brats_copy):
     dl = write_datalist(make_split(brats_cases(data), 0.5, seed=0), tmp_path / "dl.json", data)
     common = ["--dataset_name", "brats18_2mm", "--dataset_dir", data, "--datalist_file", dl]
     monai_run("pretrain", *TINY, *common, "--ckpt_dir", tmp_path / "pre")
+    # every pretraining step ran: 8 slices per volume fill the batches of 4 (the tiny budget's) ...
+    assert torch.load(tmp_path / "pre" / "pretrain_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 2
+    # ... and a batch larger than the data set is refused instead of "training" on empty epochs
+    r = monai_run("pretrain", *TINY, *common, "--batch_size", 64, "--ckpt_dir", tmp_path / "pre64", check=False)
+    assert r.returncode != 0 and "fewer than one batch of 8 with drop_last: nothing would train" in r.stderr
     monai_run("train", *TINY, *common, "--val_interval", 1, "--ckpt_dir", tmp_path / "ft",
               "--pretrained_ckpt", tmp_path / "pre" / "pretrained.pt")
     assert torch.load(tmp_path / "ft" / "model.pt")["encoders.0.0.conv.weight"].shape[1] == 4
