@@ -134,7 +134,23 @@ class LoadCheckpoint:
         load_pretrained(_unwrap(self.network), self.load_path, allow_head_mismatch=False)
 
 
-class MetricsReport:
+class EvaluationReport:
+    """Base of the report handlers: attached to an evaluator, :meth:`reset` at start, :meth:`_collect`
+    after every iteration, and the report written by ``__call__`` at completion."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda e: self.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def _collect(self, engine) -> None:
+        raise NotImplementedError
+
+
+class MetricsReport(EvaluationReport):
     """Attach to an evaluator: at completion write ``output_file`` (JSON, atomically) with, for each
     metric whose handler ran with ``save_details=True``, the per-region means over cases
     (NaN for cases where the region is empty in both label and prediction are skipped), the mean
@@ -156,10 +172,8 @@ class MetricsReport:
         self.extra = dict(extra or {})
         self.cases: list[str] = []
 
-    def attach(self, engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda e: self.cases.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self)
+    def reset(self) -> None:
+        self.cases.clear()
 
     def _collect(self, engine) -> None:
         batch = engine.state.batch

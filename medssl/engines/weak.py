@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from monai.engines.utils import IterationEvents
 
-from .handlers import _unwrap
+from .handlers import EvaluationReport, _unwrap
 from .iteration import optimise
 from .semi import sigmoid_rampup
 
@@ -73,7 +73,7 @@ class ClusterReSupervisionIteration:
         return optimise(engine, out)
 
 
-class WeakSegReport:
+class WeakSegReport(EvaluationReport):
     """Attach to an evaluator over 2D slices with pixel labels (evaluation only): at completion write
     ``output_file`` (JSON, atomically) with the two failure modes weak supervision targets reported
     separately:
@@ -95,12 +95,8 @@ class WeakSegReport:
         self.extra = dict(extra or {})
         self.rows: list[dict] = []
 
-    def attach(self, engine) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.STARTED, lambda e: self.rows.clear())
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self)
+    def reset(self) -> None:
+        self.rows.clear()
 
     def _collect(self, engine) -> None:
         from monai.metrics import compute_hausdorff_distance
