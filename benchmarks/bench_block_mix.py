@@ -40,12 +40,7 @@ from monai.transforms import (Compose, EnsureChannelFirstd, EnsureTyped, LoadIma
 from medssl.data import brats_cases
 from medssl.transforms import RandContextSwapd, RandModalityBlockMixd
 
-from bundle_steps import REPO, build_trainer, step_row, time_steps
-
-
-def default_data_dir() -> Path:
-    root = os.environ.get("MEDSSL_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    return Path(root) / "brats18_2mm"
+from bundle_steps import build_trainer, data_dir, step_row, time_steps, write_result
 
 
 def real_crops(data_dir: Path, n: int, roi=(64, 64, 64), seed: int = 0) -> list:
@@ -104,7 +99,7 @@ def time_transform(fn, crops) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default=str(default_data_dir()))
+    ap.add_argument("--data_dir", default=data_dir("brats18_2mm"))
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--blocks", default="2,2,1")
     ap.add_argument("--steps", type=int, default=10)
@@ -170,11 +165,7 @@ def main(argv=None) -> dict:
               f"{r['steps_per_s_vs_supervised']:>14.2f}")
     print(f"\nblock mixing is {share:.1%} of a block_mix pretraining step "
           f"({result['threads']} torch threads; x block mix < 1 means slower than RandModalityBlockMixd)")
-    if args.out:
-        from medssl.utils import atomic_write_json
-
-        atomic_write_json(result, Path(args.out))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

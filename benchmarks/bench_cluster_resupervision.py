@@ -17,13 +17,10 @@ The share of the cluster maps in the full step is reported.
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from ignite.engine import Events
 
 from monai.engines import SupervisedTrainer
 
@@ -33,7 +30,7 @@ from medssl.losses import ClusterReSupervisionLoss, cluster_maps
 from medssl.networks import CAMSegNet
 from medssl.transforms import RandPatchMaskd
 
-from bundle_steps import REPO
+from bundle_steps import data_dir, environment, time_steps, write_result
 
 
 def batches(data_dir: str, batch: int, n: int, seed: int = 0) -> list[dict]:
@@ -53,21 +50,16 @@ def batches(data_dir: str, batch: int, n: int, seed: int = 0) -> list[dict]:
 
 
 def time_trainer(net, iteration, data, warmup: int = 2) -> float:
+    """Median seconds of a training step (after ``warmup`` steps) of ``iteration`` on the batches ``data``."""
     trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, epoch_length=len(data), train_data_loader=data,
                                 network=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3), loss_function=None,
                                 iteration_update=iteration)
-    marks, times = {}, []
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: marks.__setitem__("t", time.perf_counter()))
-    trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                              lambda e: times.append(time.perf_counter() - marks["t"]) if e.state.iteration > warmup else None)
-    trainer.run()
-    return float(np.median(times))
+    return float(np.median(time_steps(trainer, warmup)["compute"]))
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    root = os.environ.get("MEDSSL_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    ap.add_argument("--data_dir", default=str(Path(root) / "brats18_2mm"))
+    ap.add_argument("--data_dir", default=data_dir("brats18_2mm"))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--clusters", type=int, default=4)
     ap.add_argument("--steps", type=int, default=10)
@@ -93,7 +85,7 @@ def main(argv=None) -> dict:
         seconds["full step"].append(time_trainer(net, full, data))
     med = {k: float(np.median(v)) for k, v in seconds.items()}
     share = med["cluster maps"] / med["full step"]
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": args.batch,
+    result = {**environment(), "batch": args.batch,
               "clusters": args.clusters, "seconds": med, "cluster_share_of_full_step": round(share, 4),
               "full_step_vs_cam_step": round(med["full step"] / med["CAM step"], 2)}
     print(f"\n{'per batch of ' + str(args.batch) + ' x 4 x 96^2':<28}{'seconds':>10}")
@@ -101,11 +93,7 @@ def main(argv=None) -> dict:
         print(f"{k:<28}{v:>10.4f}")
     print(f"cluster maps are {share:.1%} of a full training step; the full step is "
           f"{result['full_step_vs_cam_step']:.2f}x a CAM-only step ({result['threads']} torch threads)")
-    if args.out:
-        from medssl.utils import atomic_write_json
-
-        atomic_write_json(result, Path(args.out))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

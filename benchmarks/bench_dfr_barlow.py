@@ -41,7 +41,7 @@ import torch
 
 import monai
 
-from bundle_steps import REPO, build_trainer, step_row, time_steps
+from bundle_steps import build_trainer, data_dir, step_row, time_steps, write_result
 
 KINDS = {
     "barlow_twins": ("pretrain.json", {}),
@@ -50,14 +50,9 @@ KINDS = {
 }
 
 
-def default_data_dir() -> Path:
-    root = os.environ.get("MEDSSL_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    return Path(root) / "dsb2018_nuclei"
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default=str(default_data_dir()))
+    ap.add_argument("--data_dir", default=data_dir("dsb2018_nuclei"))
     ap.add_argument("--steps", type=int, default=12, help="timed steps per contender and round")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -109,11 +104,7 @@ def main(argv=None) -> dict:
           f"step's; {result['threads']} torch threads, {result['device']})")
     print(f"peak RSS of this script: {result['script_peak_rss_mb']} MB"
           + (f"; of the small-budget benchmark run: {result['small_budget_run_peak_rss_mb']} MB" if args.results else ""))
-    if args.out:
-        from medssl.utils import atomic_write_json
-
-        atomic_write_json(result, Path(args.out))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import resource
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
 
-from bundle_steps import REPO, build_trainer, step_row, time_steps
+from bundle_steps import REPO, build_trainer, data_dir, step_row, time_steps, write_result
 
 KINDS = {"supervised pair": "supervised", "semi-cml": "cml", "mean teacher": "mean_teacher"}
 
@@ -51,8 +50,7 @@ def child(args) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_root = os.environ.get("MEDSSL_DATA_DIR") or str(REPO.parent / "shared" / "data")
-    ap.add_argument("--data_dir", default=str(Path(default_root) / "brats18_2mm"))
+    ap.add_argument("--data_dir", default=data_dir("brats18_2mm"))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
@@ -96,12 +94,7 @@ def main(argv=None) -> dict:
         print(f"{r['kind']:<20}{r['step_s']:>8.3f}{r['data_wait_fraction']:>11.1%}{r['step_time_vs_two_supervised']:>10.2f}"
               f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_vs_two_supervised']:>10.2f}")
     print("(x 2 sup.: relative to 'supervised pair', which is two independent supervised steps of the two networks)")
-    if args.out:
-        sys.path.insert(0, str(REPO))
-        from medssl.utils import atomic_write_json
-
-        atomic_write_json(result, Path(args.out))
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

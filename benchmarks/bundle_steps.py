@@ -59,3 +59,31 @@ def step_row(kind: str, samples: dict, inputs_per_step: int, **extra) -> dict:
     return {"kind": kind, **extra, "steps": n, "network_inputs_per_step": inputs_per_step, "step_s": round(step, 4),
             "steps_per_s": round(1 / step, 3), "network_inputs_per_s": round(inputs_per_step / step, 2),
             "data_wait_fraction": round(wait / (wait + compute), 3)}
+
+
+def data_dir(name: str) -> str:
+    """``$MEDSSL_DATA_DIR/<name>``, or ``<repo>/../shared/data/<name>`` (this project's checkout)."""
+    import os
+
+    return str(Path(os.environ.get("MEDSSL_DATA_DIR") or REPO.parent / "shared" / "data") / name)
+
+
+def environment() -> dict:
+    """What a result was measured on."""
+    import os
+    import platform
+
+    import torch
+
+    return {"torch": torch.__version__, "monai": monai.__version__, "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+
+def write_result(result: dict, out: str | None) -> dict:
+    """Write ``result`` as JSON to ``out`` (atomically) when given; returns it."""
+    if out:
+        from medssl.utils import atomic_write_json
+
+        atomic_write_json(result, Path(out))
+    return result
