@@ -28,6 +28,9 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
         assert set(r["dice"]) == {"TC", "WT", "ET"} and r["fraction"] == 0.2 and r["seed"] == 0
     md = (out / "results.md").read_text()
     assert "| 0.2 | 2 | method |" in md and "fraction 0.2: `method`" in md
+    # HD95 per region as well as its mean (the BraTS issues ask for both)
+    assert "| mean HD95 | TC HD95 | WT HD95 | ET HD95 | train s |" in md
+    assert all(set(row["hd95"]) == {"TC", "WT", "ET"} for row in saved["summary"])
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
     # finished runs are kept: a second call resumes without training again
     again = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",

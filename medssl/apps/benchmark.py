@@ -333,6 +333,8 @@ def summarise(runs: list[dict], fractions, inits, regions) -> list[dict]:
                    "mean_hd95": round(_stats([r.get("mean_hd95") for r in sel])[0], 2),
                    "train_seconds": round(_stats([r["train_seconds"] for r in sel])[0], 1),
                    "labelled_cases": sel[0].get("labelled_cases")}
+            if len(regions) > 1 and all(isinstance(r.get("hd95"), dict) for r in sel):  # per-region HD95
+                row["hd95"] = {g: round(_stats([r["hd95"].get(g) for r in sel])[0], 2) for g in regions}
             for key in EXTRA_METRICS:  # the paper's other metrics, where the bundle's evaluation reports them
                 if all(key in r for r in sel):
                     row[key] = round(_stats([r[key] for r in sel])[0], 4)
@@ -367,14 +369,17 @@ def results_markdown(results: dict, regions) -> str:
     if results.get("split"):
         lines += [f"Split: {', '.join(f'{k} {v:g}' for k, v in results['split'].items())} of the cases.", ""]
     extra = [k for k in EXTRA_METRICS if rows and all(k in r for r in rows)]
+    hd_regions = list(regions) if rows and all("hd95" in r for r in rows) else []
     lines += ["| fraction | labelled cases | init | mean Dice | " + " | ".join(f"{g} Dice" for g in regions)
-              + "".join(f" | {EXTRA_METRICS[k]}" for k in extra) + " | mean HD95 | train s |",
-              "|" + "---|" * (6 + len(regions) + len(extra))]
+              + "".join(f" | {EXTRA_METRICS[k]}" for k in extra) + " | mean HD95 | "
+              + "".join(f"{g} HD95 | " for g in hd_regions) + "train s |",
+              "|" + "---|" * (6 + len(regions) + len(extra) + len(hd_regions))]
     for r in rows:
         lines.append(f"| {r['fraction']:g} | {r['labelled_cases']} | {r['init']} | {r['mean_dice']:.3f} ± {r['std_dice']:.3f} | "
                      + " | ".join(f"{r['dice'][g]:.3f}" for g in regions)
                      + "".join(f" | {r[k]:.3f}" for k in extra)
-                     + f" | {r['mean_hd95']:.1f} | {r['train_seconds']:.0f} |")
+                     + f" | {r['mean_hd95']:.1f} | " + "".join(f"{r['hd95'][g]:.1f} | " for g in hd_regions)
+                     + f"{r['train_seconds']:.0f} |")
     lines.append("")
     for f in results["fractions"]:
         by = {r["init"]: r for r in rows if r["fraction"] == f}
