@@ -36,6 +36,7 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
     again = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",
                           out=str(out), progress=False, logging_file=False)
     assert again["runs"] == res["runs"]
+    assert again["peak_rss_mb"] >= saved["peak_rss_mb"]  # not the resumed call's own smaller footprint
 
 
 def test_benchmark_rejects_unknown_budget(brats_dir, tmp_path):

@@ -217,6 +217,8 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
     check_cases(cases, layout, context=f"data set {data_dir}")  # every problem, before any training
     regions, data_overrides, split_args = spec.for_layout(layout)
     overrides = spec.budgets[budget]
+    previous = out_dir / "results.json"  # an earlier call's peak memory (results.json is rewritten below)
+    earlier_peak = json.loads(previous.read_text()).get("peak_rss_mb") if previous.is_file() else None
     results = {"bundle": bundle, "dataset": Path(data_dir).name, "data_dir": data_dir, "budget": budget,
                "fractions": fractions, "seeds": seeds, "split": split_args, "runs": []}
 
@@ -295,7 +297,8 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
     if spec.reference:
         results["reference"] = {"init": spec.reference[0], "fraction": spec.reference[1]}
         results["ratio_to_reference"] = ratios_to_reference(results["runs"], *spec.reference, regions)
-    results["peak_rss_mb"] = _peak_rss_mb()
+    # a resumed call that trains little must not report its own small footprint as the benchmark's
+    results["peak_rss_mb"] = max(_peak_rss_mb(), earlier_peak or 0.0)
     atomic_write_json(results, out_dir / "results.json")
     atomic_write_text(results_markdown(results, regions), out_dir / "results.md")
     plot_label_efficiency(results, out_dir / "label_efficiency.png")
