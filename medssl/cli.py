@@ -93,10 +93,12 @@ class CLI:
             raise SystemExit(2) from None
 
     def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", seeds="0,1,2",
-                  budget: str = "small", out: str = "benchmark_out", variants=None):
+                  budget: str = "small", out: str = "benchmark_out", variants=None,
+                  reevaluate: bool = False):
         """Method vs baseline (and the bundle's other variants) at each label fraction and seed; writes
         results.json/.md and label_efficiency.png. --variants method,baseline trains only those now and
-        still reports the other variants' runs already finished under --out.
+        still reports the other variants' runs already finished under --out; --reevaluate re-runs only the
+        evaluation of their finished runs (models and training times kept).
 
         Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
         sample first where it is absent."""
@@ -108,7 +110,7 @@ class CLI:
             if bundle not in BENCHMARKS:
                 raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
             data_dir = str(ensure_sample(data_root(), BENCHMARKS[bundle].dataset))
-        run_benchmark(bundle, data_dir, fractions, seeds, budget, out, variants=variants)
+        run_benchmark(bundle, data_dir, fractions, seeds, budget, out, variants=variants, reevaluate=reevaluate)
         print(Path(out, "results.md").read_text())
 
 

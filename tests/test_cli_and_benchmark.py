@@ -37,6 +37,14 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_dir):
                           out=str(out), progress=False, logging_file=False)
     assert again["runs"] == res["runs"]
     assert again["peak_rss_mb"] >= saved["peak_rss_mb"]  # not the resumed call's own smaller footprint
+    # --reevaluate redoes only the evaluation: same trained model, same training time, fresh metrics file
+    metrics = out / "seed0" / "f0.2" / "method" / "metrics.json"
+    model = out / "seed0" / "f0.2" / "method" / "model.pt"
+    stamps = metrics.stat().st_mtime_ns, model.stat().st_mtime_ns
+    redone = run_benchmark("context_restoration", str(brats_dir), fractions="0.2", seeds="0", budget="smoke",
+                           out=str(out), progress=False, logging_file=False, variants="method", reevaluate=True)
+    assert metrics.stat().st_mtime_ns > stamps[0] and model.stat().st_mtime_ns == stamps[1]
+    assert [(r["init"], r["train_seconds"]) for r in redone["runs"]] == [(r["init"], r["train_seconds"]) for r in res["runs"]]
 
 
 def test_benchmark_rejects_unknown_budget(brats_dir, tmp_path):

@@ -12,7 +12,7 @@ from monai.engines import SupervisedTrainer
 from medssl.data import brats_axial_slices, brats_cases
 from medssl.engines import ClusterReSupervisionIteration
 from medssl.losses import ClusterReSupervisionLoss, cluster_maps
-from medssl.networks import CAMSegNet
+from medssl.networks import CAMOutput, CAMSegNet
 from medssl.transforms import RandPatchMaskd
 
 
@@ -79,6 +79,20 @@ def test_cam_segnet_heads(dims):
     assert net.reconstruct(x).shape == (2, 1, *([32] * dims))
     with pytest.raises(RuntimeError, match="reconstruction=False"):
         CAMSegNet(dims, 4, (4, 8, 16), reconstruction=False).reconstruct(x)
+
+
+@pytest.mark.parametrize("mode", ["refined", "cam", "gradcam"])
+def test_gate_empties_every_output_where_the_classifier_says_tumour_free(tumour_slices, mode):
+    net = CAMSegNet(2, 4, (4, 8, 16)).eval()
+    x = torch.stack([torch.as_tensor(np.asarray(s["image"]))[:, :64, :64] for s in tumour_slices[:2]]).float()
+    with torch.no_grad():
+        net.classifier.bias.fill_(-1e4)  # the classifier says "tumour-free" for every image
+    gated, free = CAMOutput(net, mode, gate=True)(x), CAMOutput(net, mode, gate=False)(x)
+    assert gated.shape == free.shape == (2, 1, 64, 64)
+    assert float(gated.abs().max()) == 0.0
+    with torch.no_grad():
+        net.classifier.bias.fill_(1e4)  # "tumour" for every image: the gate lets the map through
+    torch.testing.assert_close(CAMOutput(net, mode, gate=True)(x), CAMOutput(net, mode, gate=False)(x))
 
 
 def test_iteration_trains_classifier_then_resupervision_and_reconstruction(brats_dir):

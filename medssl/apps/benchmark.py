@@ -192,12 +192,14 @@ def _parse_list(values, cast):
 
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,1,2", budget: str = "small",
                   out: str = "benchmark_out", progress: bool = True, logging_file: str | bool | None = None,
-                  variants=None) -> dict:
+                  variants=None, reevaluate: bool = False) -> dict:
     """Run (or resume) the benchmark grid; returns the ``results.json`` content.
 
     ``variants`` (comma-separated names; default all) limits which variants are trained now; runs of
     the other variants already finished under ``out`` (from an earlier call) are still reported, so
     a costly comparison can be run at fewer fractions than method and baseline into one ``out``.
+    ``reevaluate`` runs the evaluation stage again on the finished runs of the selected variants
+    (their trained models and training times are kept): for a changed evaluation, without retraining.
     """
     if bundle not in BENCHMARKS:
         raise ValueError(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
@@ -254,28 +256,8 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
             for init, variant in spec.variants.items():
                 run_dir = seed_dir / f"f{f:g}" / init
                 record = run_dir / "run.json"
-                if init not in selected:
-                    if record.is_file():  # finished by an earlier call: still part of the comparison
-                        results["runs"].append(json.loads(record.read_text()))
-                    continue
-                if not record.is_file():
-                    bar.set_postfix_str(f"seed {seed}, fraction {f:g}: {init}")
-                    start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
-                    before = 0.0
-                    if variant.continues:
-                        first, key = variant.continues
-                        first_run = json.loads((seed_dir / f"f{f:g}" / first / "run.json").read_text())
-                        start[key] = str(seed_dir / f"f{f:g}" / first / "model.pt")
-                        before = first_run["train_seconds"]
-                    t0 = time.perf_counter()
-                    ckpt_dir = run_dir
-                    if variant.stage is None:  # evaluation only, of the continued variant's model
-                        ckpt_dir = seed_dir / f"f{f:g}" / variant.continues[0]
-                    else:
-                        run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
-                                  datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
-                                  **{**overrides["train"], **variant.train})
-                    train_seconds = before + time.perf_counter() - t0
+
+                def evaluate_and_record(ckpt_dir, train_seconds):  # called within this iteration only
                     # the budget's and the variant's overrides go to evaluation too (network sizes and
                     # switches must match; ids that evaluate.json does not use are inert there)
                     run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run_dir),
@@ -289,6 +271,30 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", seeds="0,
                                        "test_cases": metrics["num_cases"],
                                        **{k: metrics[k] for k in RUN_METRICS if k in metrics}},
                                       record)
+                if init not in selected:
+                    if record.is_file():  # finished by an earlier call: still part of the comparison
+                        results["runs"].append(json.loads(record.read_text()))
+                    continue
+                ckpt_dir = seed_dir / f"f{f:g}" / variant.continues[0] if variant.stage is None else run_dir
+                if record.is_file() and reevaluate:  # the trained model stays; only its evaluation is redone
+                    bar.set_postfix_str(f"seed {seed}, fraction {f:g}: re-evaluate {init}")
+                    previous_run = json.loads(record.read_text())
+                    evaluate_and_record(ckpt_dir, previous_run["train_seconds"])
+                elif not record.is_file():
+                    bar.set_postfix_str(f"seed {seed}, fraction {f:g}: {init}")
+                    start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
+                    before = 0.0
+                    if variant.continues:
+                        first, key = variant.continues
+                        first_run = json.loads((seed_dir / f"f{f:g}" / first / "run.json").read_text())
+                        start[key] = str(seed_dir / f"f{f:g}" / first / "model.pt")
+                        before = first_run["train_seconds"]
+                    t0 = time.perf_counter()
+                    if variant.stage is not None:  # None: evaluation only, of the continued variant's model
+                        run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
+                                  datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
+                                  **{**overrides["train"], **variant.train})
+                    evaluate_and_record(ckpt_dir, before + time.perf_counter() - t0)
                 results["runs"].append(json.loads(record.read_text()))
                 atomic_write_json(results, out_dir / "results.json")
                 bar.update(1)

@@ -81,8 +81,11 @@ class CAMOutput(nn.Module):
     - ``"cam"``: the class activation map, ReLU'd and divided by its maximum per image (plain CAM);
     - ``"gradcam"``: MONAI's ``GradCAM`` of the classification logit at the bottleneck (normalised per image).
 
-    With ``gate`` (CAM and Grad-CAM) the map is zeroed on images the classifier calls tumour-free
-    (probability < 0.5): a normalised CAM always has a maximum of 1, even without tumour.
+    With ``gate`` the map is zeroed on images the classifier calls tumour-free (probability < 0.5): a
+    normalised CAM always has a maximum of 1, even without tumour, and the refined head, trained on
+    cluster maps of tumour images, fires on tumour-free slices too (measured: every tumour-free test
+    slice had a predicted pixel without the gate). Turn it off for a network whose classifier was not
+    trained (``method=supervised``).
     """
 
     MODES = ("refined", "cam", "gradcam")
@@ -95,8 +98,9 @@ class CAMOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "refined":
-            return torch.sigmoid(self.net(x))
-        if self.mode == "cam":
+            out = self.net.outputs(x)
+            cam, logit = torch.sigmoid(out["seg"]), out["cls"]
+        elif self.mode == "cam":
             out = self.net.outputs(x)
             cam, logit = F.relu(out["cam"]), out["cls"]
             cam = cam / cam.flatten(1).amax(1).clamp(min=1e-8).reshape(-1, *([1] * (cam.ndim - 1)))
