@@ -13,6 +13,10 @@ from .handlers import EvaluationReport, _unwrap
 from .iteration import optimise
 from .semi import sigmoid_rampup
 
+# the bundle's `method` choices (train, evaluate and inference check against this one list):
+# the paper's method, the plain-CAM classifier, and pixel supervision (the upper bound)
+WEAK_METHODS = ("cluster_resupervision", "cam", "supervised")
+
 
 class ClusterReSupervisionIteration:
     """``iteration_update`` for a :class:`medssl.networks.CAMSegNet` trained from image-level labels.

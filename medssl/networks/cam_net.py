@@ -97,13 +97,14 @@ class CAMOutput(nn.Module):
         self.net, self.mode, self.gate = net, mode, gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mode == "refined":
+        if self.mode != "gradcam":
             out = self.net.outputs(x)
-            cam, logit = torch.sigmoid(out["seg"]), out["cls"]
-        elif self.mode == "cam":
-            out = self.net.outputs(x)
-            cam, logit = F.relu(out["cam"]), out["cls"]
-            cam = cam / cam.flatten(1).amax(1).clamp(min=1e-8).reshape(-1, *([1] * (cam.ndim - 1)))
+            logit = out["cls"]
+            if self.mode == "refined":
+                cam = torch.sigmoid(out["seg"])
+            else:
+                cam = F.relu(out["cam"])
+                cam = cam / cam.flatten(1).amax(1).clamp(min=1e-8).reshape(-1, *([1] * (cam.ndim - 1)))
         else:
             from monai.visualize import GradCAM
 
