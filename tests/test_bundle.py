@@ -127,16 +127,30 @@ def test_verify_metadata_net_in_out_and_torchscript_export(runs, tmp_path):
     check_metadata_and_export(BUNDLE, runs["train"] / "model.pt", ref, torch.randn(1, 4, 64, 64, 64), tmp_path)
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_multi_gpu_config_trains_with_torchrun_on_cpu(runs, tmp_path):
     """Two gloo processes on CPU: DDP over the network, DistributedSampler, rank-0 handlers only."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "monai.bundle", "run", "--config_file",
-           f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
-           "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1", "--ckpt_dir", str(tmp_path / "ddp"),
-           "--pretrained_ckpt", str(runs["pretrain"] / "pretrained.pt"), "--label_fraction", "0.2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+    def torchrun(ckpt_dir):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "monai.bundle", "run", "--config_file",
+               f"['{CONFIGS / 'train.json'}','{CONFIGS / 'multi_gpu_train.json'}']",
+               "--max_epochs", "1", "--epoch_length", "2", "--val_interval", "1", "--ckpt_dir", str(ckpt_dir),
+               "--pretrained_ckpt", str(runs["pretrain"] / "pretrained.pt"), "--label_fraction", "0.2"]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+
+    ckpt = tmp_path / "ddp"
+    r = torchrun(ckpt)
+    both_ranks_finished = r.stdout.count("SupervisedTrainer - INFO - Engine run finished") == 2
+    if r.returncode != 0 and TEARDOWN_ABORT in r.stderr and both_ranks_finished and (ckpt / "model.pt").is_file():
+        # torch 2.13 + gloo: now and then a rank aborts while its interpreter exits, after both ranks finished
+        # training and rank 0 saved the model (2 runs in about 200 here). One retry, from scratch, must pass.
+        ckpt = tmp_path / "ddp_retry"
+        r = torchrun(ckpt)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert (tmp_path / "ddp" / "model.pt").is_file()
-    state = torch.load(tmp_path / "ddp" / "model.pt")
+    assert (ckpt / "model.pt").is_file()
+    state = torch.load(ckpt / "model.pt")
     assert not any(k.startswith("module.") for k in state), "model.pt must hold the bare network"
