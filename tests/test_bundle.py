@@ -147,7 +147,7 @@ def test_multi_gpu_config_trains_with_torchrun_on_cpu(runs, tmp_path):
     both_ranks_finished = r.stdout.count("SupervisedTrainer - INFO - Engine run finished") == 2
     if r.returncode != 0 and TEARDOWN_ABORT in r.stderr and both_ranks_finished and (ckpt / "model.pt").is_file():
         # torch 2.13 + gloo: now and then a rank aborts while its interpreter exits, after both ranks finished
-        # training and rank 0 saved the model (2 runs in about 200 here). One retry, from scratch, must pass.
+        # training and rank 0 saved the model (2 of 185 runs here). One retry, from scratch, must pass.
         ckpt = tmp_path / "ddp_retry"
         r = torchrun(ckpt)
     assert r.returncode == 0, r.stderr[-4000:]
