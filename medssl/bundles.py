@@ -7,8 +7,7 @@ import os
 from pathlib import Path
 
 from . import PACKAGE_DIR
-
-STAGES = ("pretrain", "train", "prel", "evaluate", "inference", "multi_gpu_train")
+from .contract import STAGES, stage_files
 
 
 def bundles_dir() -> Path:
@@ -29,6 +28,31 @@ def bundle_stages(root: Path) -> list[str]:
     return [s for s in STAGES if (root / "configs" / f"{s}.json").is_file()]
 
 
+def stage_config_files(root: Path, stage: str) -> list[Path]:
+    """The config files of ``stage`` in bundle folder ``root``, layered as the contract says (e.g.
+    ``[configs/train.json, configs/evaluate.json]``), each checked to exist."""
+    files = [Path(root) / f for f in stage_files(stage)]
+    if not files[-1].is_file():
+        raise ValueError(f"{files[-1]}: bundle {Path(root).name!r} has no stage {stage!r}; expected one of "
+                         f"{bundle_stages(Path(root))}")
+    return files
+
+
+def format_config(obj, indent: int = 0, width: int = 120, _key: int = 0) -> str:
+    """The canonical JSON text of a bundle config: a value stays on one line while it fits in ``width``
+    characters, else its items go one per line, indented by 4 (``tests/test_bundle_contract.py``
+    keeps every shipped config in this form)."""
+    text = json.dumps(obj)
+    if not isinstance(obj, (dict, list)) or not obj or indent + _key + len(text) <= width:
+        return text
+    pad = " " * (indent + 4)
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {format_config(v, indent + 4, width, len(json.dumps(k)) + 2)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    return "[\n" + ",\n".join(pad + format_config(v, indent + 4, width) for v in obj) + "\n" + " " * indent + "]"
+
+
 def list_bundles() -> list[dict]:
     """Name, paper, paradigm and stages of every shipped bundle (read from its metadata.json)."""
     out = []
@@ -42,18 +66,16 @@ def list_bundles() -> list[dict]:
 
 
 def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, **overrides):
-    """Run ``configs/<stage>.json`` of ``bundle`` exactly as ``python -m monai.bundle run`` does, with
-    ``bundle_root`` set to the bundle's absolute path unless overridden. ``multi_gpu_train`` is
-    layered over ``train.json`` as the model zoo does (start it under ``torchrun``)."""
+    """Run ``stage`` of ``bundle`` exactly as ``python -m monai.bundle run`` does, with ``bundle_root``
+    set to the bundle's absolute path unless overridden. Overlay stages (``evaluate``, ``pretrain``,
+    ``prel``, ``multi_gpu_train``; :data:`medssl.contract.OVERLAYS`) are layered over ``train.json`` as
+    the model zoo does (start ``multi_gpu_train`` under ``torchrun``)."""
     from monai.bundle import run
 
     root = bundle_path(bundle)
-    config = root / "configs" / f"{stage}.json"
-    if not config.is_file():
-        raise ValueError(f"{config}: bundle {bundle!r} has no stage {stage!r}; expected one of {bundle_stages(root)}")
+    files = [str(f) for f in stage_config_files(root, stage)]
     overrides.setdefault("bundle_root", str(root))
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")
-    files = [str(root / "configs" / "train.json"), str(config)] if stage == "multi_gpu_train" else str(config)
     return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
                logging_file=logging_file, **overrides)

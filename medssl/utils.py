@@ -62,6 +62,16 @@ def check_choice(name: str, value: str, choices) -> str:
     return value
 
 
+def choose(name: str, value, **options):
+    """The option called ``value`` among ``options``: a bundle config's variant switch, e.g.
+    ``"$medssl.utils.choose('pretext', @pretext, block_mix=@classifier, context_restoration=@network_def)"``.
+
+    An unknown ``value`` raises the :func:`check_choice` error naming the config id ``name`` and the
+    choices, while the config is parsed. As with a ``$a if c else b`` expression, the config parser has
+    built every option before this is called, so options should be cheap to build (ids, not runs)."""
+    return options[check_choice(name, value, options)]
+
+
 def full_batches(num_items: int, batch_size: int, what: str = "training set") -> int:
     """``batch_size`` if ``num_items`` fill at least one batch (for loaders with ``drop_last=True``),
     else a ``ValueError``: with fewer items than one batch every epoch would be empty and the run would

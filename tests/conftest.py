@@ -41,12 +41,18 @@ def brats_copy(tmp_path, brats_dir):
 
 
 def monai_run(configs: Path, stage: str, *args, check: bool = True):
-    """``python -m monai.bundle run --config_file <configs>/<stage>.json ARGS`` from the repository root."""
+    """``python -m monai.bundle run --config_file "['configs/train.json','configs/<stage>.json']" ARGS`` run
+    from the bundle folder, as the model zoo documents it (overlay stages layered over train.json as
+    :func:`medssl.contract.stage_files` says; standalone stages alone)."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs / f"{stage}.json"), *map(str, args)]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ))
+    from medssl.contract import stage_files
+
+    files = stage_files(stage)
+    config_arg = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, *map(str, args)]
+    r = subprocess.run(cmd, cwd=configs.parent, capture_output=True, text=True, env=dict(os.environ))
     if check:
         assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
     return r
