@@ -28,14 +28,19 @@ COMMON_IDS = ("imports", "bundle_root", "device", "dataset_dir", "dataset_name",
 TRAIN_IDS = ("ckpt_dir", "output_dir", "datalist_file", "seed", "max_epochs", "epoch_length", "val_interval",
              "train#trainer", "train#trainer#max_epochs", "train#dataset#data", "train#handlers", "train#inferer",
              "validate#evaluator", "validate#dataset#data", "validate#handlers")
-EVALUATE_IDS = ("ckpt_path", "eval_split", "validate#evaluator", "validate#handlers")
+# evaluate also exposes MONAI's inference properties at the top level (aliases of validate#...)
+EVALUATE_IDS = ("ckpt_path", "eval_split", "validate#evaluator", "validate#handlers", "preprocessing", "dataset",
+                "dataloader", "inferer", "postprocessing", "evaluator")
 INFERENCE_IDS = ("ckpt_path", "output_dir", "preprocessing", "postprocessing", "inferer", "evaluator", "dataset",
                  "dataloader")
 STAGE_IDS = {"train": TRAIN_IDS, "evaluate": TRAIN_IDS + EVALUATE_IDS, "inference": INFERENCE_IDS}
 
-# metrics.json written by the evaluate stage (medssl.engines.MetricsReport / WeakSegReport)
-METRICS_KEYS = ("num_cases", "split", "checkpoint")
-METRICS_PER_CASE_KEY = "per_case"  # [{"case": id, "<metric>": {region: value}}]
+# metrics.json written by the evaluate stage (medssl.engines.MetricsReport / WeakSegReport): the number of
+# test items, Dice and HD95 per region ({region: value}) and their means over regions, and one row per
+# item: "per_case" ([{"case": id, "dice": {region: value}, "hd95": {...}}]) for volumes and images,
+# "per_slice" for the weakly supervised slice evaluation
+METRICS_KEYS = ("num_cases", "dice", "mean_dice", "hd95", "mean_hd95")
+METRICS_ROW_KEYS = ("per_case", "per_slice")
 
 METADATA_FIELDS = ("schema", "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                    "required_packages_version", "name", "task", "description", "authors", "copyright",

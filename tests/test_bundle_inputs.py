@@ -10,8 +10,9 @@ from monai.bundle import ConfigParser
 from medssl.data import DataError, brats_cases, make_split, write_datalist
 
 from conftest import DAMAGES, REPO
+from medssl.bundles import stage_config_files
 
-CONFIGS = REPO / "bundles" / "context_restoration" / "configs"
+BUNDLE = REPO / "bundles" / "context_restoration"
 
 
 def _cause(e):
@@ -27,7 +28,7 @@ def test_stage_refuses_bad_cases(brats_copy, stage, item, damage):
     root = brats_copy(6)
     bad, expectation = damage(root)
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / f"{stage}.json"))
+    parser.read_config([str(f) for f in stage_config_files(BUNDLE, stage)])
     parser.update({"dataset_dir": str(root)})
     with pytest.raises(Exception) as e:
         parser.get_parsed_content(item)
@@ -38,7 +39,7 @@ def test_stage_refuses_bad_cases(brats_copy, stage, item, damage):
 
 def test_empty_dir_and_datalist_naming_missing_file(tmp_path, brats_dir):
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.update({"dataset_dir": str(tmp_path)})
     with pytest.raises(Exception) as e:
         parser.get_parsed_content("datalist")
@@ -48,29 +49,10 @@ def test_empty_dir_and_datalist_naming_missing_file(tmp_path, brats_dir):
     split["validation"][0]["label"] = str(brats_dir / "Gone_1" / "Gone_1_seg.nii.gz")
     dl = write_datalist(split, tmp_path / "datalist.json", brats_dir)
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "train.json"))
+    parser.read_config(str(BUNDLE / "configs" / "train.json"))
     parser.update({"dataset_dir": str(brats_dir), "datalist_file": str(dl)})
     with pytest.raises(Exception) as e:
         parser.get_parsed_content("datalist")
     err = _cause(e.value)
     assert "Gone_1_seg.nii.gz: missing" in str(err) and str(dl) in str(err)
     assert json.loads(dl.read_text())["validation"][0]["label"].endswith("Gone_1_seg.nii.gz")
-
-
-@pytest.mark.parametrize("bundle", ["context_restoration", "dfr_barlow", "slem"])
-@pytest.mark.parametrize("config,workflow_type", [("train.json", "train"), ("inference.json", "infer"),
-                                                  ("evaluate.json", "infer")])
-def test_configs_expose_the_ids_monai_tools_read(bundle, config, workflow_type):
-    """MONAI's own property check (what MONAI Label and the model zoo rely on) finds every id."""
-    from monai.bundle import ConfigWorkflow
-    from monai.bundle.properties import InferProperties, TrainProperties
-
-    configs = REPO / "bundles" / bundle / "configs"
-    wf = ConfigWorkflow(config_file=str(configs / config), meta_file=str(configs / "metadata.json"),
-                        logging_file=False, workflow_type=workflow_type, init="baseline")
-    wf.initialize()
-    assert wf.check_properties() == []
-    props = TrainProperties if workflow_type == "train" else InferProperties
-    assert [p["bundle_id"] for p in props.values() if p.get("bundle_id") and p["bundle_id"] not in wf.parser] == []
-    for key in ("network_def", "network", "bundle_root", "device", "dataset_dir", "run", "initialize", "finalize"):
-        assert key in wf.parser

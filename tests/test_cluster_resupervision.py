@@ -10,7 +10,7 @@ from monai.data import DataLoader
 from monai.engines import SupervisedTrainer
 
 from medssl.data import brats_axial_slices, brats_cases
-from medssl.engines import ClusterReSupervisionIteration
+from medssl.engines import WEAK_METHODS, ClusterReSupervisionIteration, weak_or_supervised
 from medssl.losses import ClusterReSupervisionLoss, cluster_maps
 from medssl.networks import CAMOutput, CAMSegNet
 from medssl.transforms import RandPatchMaskd
@@ -122,3 +122,11 @@ def test_iteration_trains_classifier_then_resupervision_and_reconstruction(brats
     assert [r for r, _ in seen[:2]] == [0.0, 0.0] and all(r > 0 for r, _ in seen[2:])  # from iteration 3 on
     assert all(rec > 0 for _, rec in seen)
     assert resup.last["maps"].shape == (4, 1, 96, 96)
+
+
+def test_weak_or_supervised_picks_by_the_kind_of_label_and_refuses_unknown_methods():
+    assert [weak_or_supervised(m, "image", "pixel") for m in WEAK_METHODS] == ["image", "image", "pixel"]
+    weak, sup = object(), object()
+    assert weak_or_supervised("cam", weak, sup) is weak and weak_or_supervised("supervised", weak, sup) is sup
+    with pytest.raises(ValueError, match=r"method must be one of \['cluster_resupervision', 'cam', 'supervised'\], got 'mil'"):
+        weak_or_supervised("mil", weak, sup)

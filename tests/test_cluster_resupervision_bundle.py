@@ -50,6 +50,27 @@ def test_training_never_sees_pixel_labels(trained):
     assert all("label" in d for d in parser.get_parsed_content("train#data", lazy=False))
 
 
+
+@pytest.mark.parametrize("method", ["cluster_resupervision", "cam", "supervised"])
+def test_method_switches_what_trains(method):
+    """train.json's variant switches: the weak iteration (with re-supervision and reconstruction only for the
+    method itself) and image-level slices for the weak methods, MONAI's iteration on pixel labels otherwise."""
+    from monai.bundle import ConfigParser
+
+    from medssl.losses import ClusterReSupervisionLoss
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    parser.update({"method": method})
+    it, keys = parser.get_parsed_content("train#iteration"), parser.get_parsed_content("train_keys")
+    if method == "supervised":
+        assert it is None and keys == ["image", "label"] and parser.get_parsed_content("gate") is False
+        return
+    assert keys == ["image"] and parser.get_parsed_content("gate") is True
+    full = method == "cluster_resupervision"
+    assert isinstance(it.resupervision, ClusterReSupervisionLoss) == full and it.resupervision_weight == float(full)
+    assert it.reconstruction_weight == float(full) and it.target_channel == 3  # T2
+
 def test_inference_writes_a_mask_per_volume(trained, brats_copy, tmp_path):
     src = brats_copy(1)
     case = next(p for p in src.iterdir() if p.is_dir())

@@ -41,6 +41,29 @@ def test_split_is_seeded_disjoint_and_labelled_cases_nest(brats_dir):
     assert sum(c["labelled"] for c in tiny["training"]) == 1  # at least one labelled case
 
 
+def test_folds_test_every_case_once_with_nested_labels(brats_dir):
+    """Cross-validation: over the folds every real case is a test case exactly once; validation and
+    training come from the other folds; labelled cases nest across fractions; the same seed gives the
+    same folds."""
+    from medssl.data import make_fold
+
+    cases = brats_cases(brats_dir)
+    folds = [make_fold(cases, f, 5, 1.0, seed=0) for f in range(5)]
+    tested = [c["case"] for d in folds for c in d["test"]]
+    assert sorted(tested) == sorted(c["case"] for c in cases)
+    for f, d in enumerate(folds):
+        names = [{c["case"] for c in d[k]} for k in ("training", "validation", "test")]
+        assert sum(map(len, names)) == len(cases) and not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
+        assert len(d["validation"]) >= 1 and len(d["test"]) == 3
+        lab = {x: {c["case"] for c in make_fold(cases, f, 5, x, seed=0)["training"] if c["labelled"]}
+               for x in (0.1, 0.2, 0.5, 1.0)}
+        assert len(lab[0.1]) == 1 and lab[0.1] <= lab[0.2] <= lab[0.5] <= lab[1.0] == names[0]
+    assert make_fold(cases, 2, 5, 0.2, seed=0) == make_fold(cases, 2, 5, 0.2, seed=0)
+    assert make_fold(cases, 2, 5, 0.2, seed=1)["test"] != make_fold(cases, 2, 5, 0.2, seed=0)["test"]
+    with pytest.raises(ValueError, match="fold must be in"):
+        make_fold(cases, 5, 5)
+
+
 def test_test_fraction_one_puts_everything_in_test(brats_dir):
     s = make_split(brats_cases(brats_dir), test_fraction=1.0, val_fraction=0.0)
     assert len(s["test"]) == 15 and s["training"] == [] and s["validation"] == []

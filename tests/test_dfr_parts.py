@@ -8,6 +8,8 @@ from medssl.losses.lesion_contrastive import LesionAwareContrastiveLoss
 from medssl.networks.blocks import DilatedContextBlock, SpatialGate
 from medssl.networks.dfr_unet import DFRUNet
 
+from conftest import REPO
+
 ALL_OFF = dict(channel_attention=False, spatial_attention=False, dilation=False, compression=False)
 
 
@@ -84,3 +86,35 @@ def test_batch_without_lesion_gives_zero_and_shape_errors():
         loss(emb, torch.zeros(2, 2, 16, 16))
     with pytest.raises(ValueError, match="does not match"):
         loss(emb, torch.zeros(2, 1, 8, 8))
+
+
+def test_dataset_layout_picks_the_bundles_data_variant():
+    from medssl.data import LAYOUTS, dataset_layout
+
+    assert dataset_layout("brats18_2mm") == "brats" and dataset_layout("brats") == "brats"
+    assert dataset_layout("dsb2018_nuclei") == "nuclei" and dataset_layout("my_cells") == "nuclei"
+    assert {dataset_layout(n) for n in ("brats18_2mm", "dsb2018_nuclei")} == set(LAYOUTS)
+
+
+@pytest.mark.parametrize("name, channels, roi, volumes", [("dsb2018_nuclei", 1, [128, 128], 8),
+                                                          ("brats18_2mm", 4, [96, 96], 1)])
+def test_bundle_config_switches_on_the_layout(name, channels, roi, volumes):
+    """train.json's layout switch: 4 BraTS modalities vs 1 grey channel, the patch size, and 8 slices
+    per BraTS volume (a batch of 8 slices is 1 volume per loader batch); inference.json agrees."""
+    from monai.bundle import ConfigParser
+
+    configs = REPO / "bundles" / "dfr_barlow" / "configs"
+    for files in ([configs / "train.json"], [configs / "inference.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        parser["dataset_name"] = name
+        assert parser.get_parsed_content("in_channels") == channels
+        assert parser.get_parsed_content("roi_size") == roi
+    parser = ConfigParser()
+    parser.read_config(str(configs / "train.json"))
+    parser["dataset_name"] = name
+    assert parser.get_parsed_content("loader_batch_size") == volumes
+    parser["layout"] = "cells"
+    with pytest.raises(RuntimeError) as e:  # the config parser wraps choose()'s error
+        parser.get_parsed_content("in_channels", lazy=False)
+    assert "layout must be one of ['brats', 'nuclei'], got 'cells'" in str(e.value.__cause__)

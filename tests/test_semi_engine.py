@@ -19,8 +19,10 @@ from monai.transforms import LoadImage
 from medssl.data import brats_cases
 from medssl.engines import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLabelIteration,
                             SemiCMLIteration, sigmoid_rampup)
+from medssl.engines.semi import checkpoint_dict
 from medssl.losses import AreaSimilarityContrastiveLoss, MutualLearningLoss
 from medssl.networks import PairedNetwork
+from medssl.networks.paired import distributed
 
 CHANNELS = {"flair": 0, "t2": 1}
 
@@ -199,3 +201,61 @@ def test_cycled_loader_and_rampup():
         CycledLoader(DataLoader([], batch_size=1))
     assert sigmoid_rampup(0, 10) == pytest.approx(np.exp(-5)) and sigmoid_rampup(10, 10) == 1.0
     assert sigmoid_rampup(5, 0) == 1.0 and sigmoid_rampup(3, 10) < sigmoid_rampup(6, 10)
+
+
+def test_checkpoint_dict_holds_every_network_state_and_the_mean_teachers(tmp_path):
+    """The resumable checkpoint of the semi_cml configs: one optimiser and scheduler per member, named by
+    the member, and the EMA teachers only for the mean teacher; saved and loaded into fresh objects,
+    every piece of state comes back."""
+    def setup(seed):
+        net = _paired(seed)
+        opts = net.optimizers(lambda p: torch.optim.Adam(p, 1e-3))
+        scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5) for o in opts.values()]
+        return net, opts, scheds, MeanTeacherIteration(CHANNELS, opts, net, DiceCELoss(sigmoid=True))
+
+    net, opts, scheds, mt = setup(0)
+    best = nn.Linear(1, 1)  # stands for the best-model saver: any object with a state dict
+    cml = SemiCMLIteration(CHANNELS, opts, DiceCELoss(sigmoid=True), None, MutualLearningLoss(),
+                           AreaSimilarityContrastiveLoss())
+    keys = ["network", "best_model", "optimizer_flair", "optimizer_t2", "lr_scheduler_flair", "lr_scheduler_t2"]
+    assert list(checkpoint_dict(net, best, opts, scheds, cml)) == keys
+    assert list(checkpoint_dict(net, best, opts, scheds)) == keys
+    saved = checkpoint_dict(net, best, opts, scheds, mt)
+    assert list(saved) == keys + ["teachers"] and saved["teachers"] is mt.teachers
+    assert saved["optimizer_t2"] is opts["t2"] and saved["lr_scheduler_t2"] is scheds[1]
+    with torch.no_grad():
+        for p in mt.teachers.parameters():
+            p.add_(1.0)  # teachers that differ from their students
+    opts["flair"].step()  # no gradients: no change, but the scheduler may step after it
+    scheds[0].step()
+    torch.save({k: v.state_dict() for k, v in saved.items()}, tmp_path / "ckpt.pt")
+    net2, opts2, scheds2, mt2 = setup(1)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for k, v in checkpoint_dict(net2, nn.Linear(1, 1), opts2, scheds2, mt2).items():
+        v.load_state_dict(state[k])
+    assert not _changed(_params(net), net2) and not _changed(_params(mt.teachers), mt2.teachers)
+    assert scheds2[0].last_epoch == 1 and scheds2[1].last_epoch == 0
+    with pytest.raises(ValueError, match="one per network"):
+        checkpoint_dict(net, best, opts, scheds[:1])
+
+
+def test_distributed_wraps_each_member_in_its_own_ddp(tmp_path):
+    """multi_gpu_train's network: the same members, each behind DistributedDataParallel (a one-process
+    gloo group here), computing what the plain pair computes."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    net = _paired()
+    x = torch.randn(1, 2, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = distributed(net, torch.device("cpu"))
+        assert isinstance(wrapped, PairedNetwork) and wrapped.names == net.names
+        for m in CHANNELS:
+            assert isinstance(wrapped.member(m), DistributedDataParallel) and wrapped.member(m).module is net.member(m)
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x), expected)
+    finally:
+        dist.destroy_process_group()

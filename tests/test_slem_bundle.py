@@ -10,11 +10,13 @@ import torch
 
 from monai.bundle import ConfigParser
 
-from medssl.networks import CFBUNet
+from medssl.contract import stage_files
+from medssl.networks import CFBUNet, EncoderHead
+from medssl.transforms import RandContextSwapd, RandModalityBlockMixd
 
 from conftest import TINY, bundle_runner, check_metadata_and_export, damage_missing_t1ce
 
-BUNDLE, CONFIGS, monai_run = bundle_runner("slem")
+BUNDLE, _, monai_run = bundle_runner("slem")
 
 pytestmark = pytest.mark.slow
 
@@ -30,9 +32,10 @@ def runs(tmp_path_factory):
     return root
 
 
-def _parser(config, **overrides):
+def _parser(stage, **overrides):
+    """The stage's config files layered as the model zoo runs them (pretrain and evaluate over train.json)."""
     parser = ConfigParser()
-    parser.read_config(str(CONFIGS / config))
+    parser.read_config([str(BUNDLE / f) for f in stage_files(stage)])
     parser.update({"device": "$torch.device('cpu')", "bundle_root": str(BUNDLE), **overrides})
     return parser
 
@@ -52,7 +55,7 @@ def test_pretext_pretraining_saves_the_segmentation_network_with_its_cfb(runs):
 
 
 def test_fine_tune_starts_from_the_pretrained_encoder_and_cfb(runs):
-    parser = _parser("train.json", pretrained_ckpt=str(runs / "pretrain" / "pretrained.pt"))
+    parser = _parser("train", pretrained_ckpt=str(runs / "pretrain" / "pretrained.pt"))
     own = parser.get_parsed_content("init_network").state_dict()
     pre = torch.load(runs / "pretrain" / "pretrained.pt")
     assert all(torch.equal(own[k], pre[k]) for k in own if own[k].shape == pre[k].shape)
@@ -78,6 +81,26 @@ def test_export_and_metadata(runs, tmp_path):
     check_metadata_and_export(BUNDLE, runs / "train" / "model.pt", ref, torch.randn(1, 4, 64, 64, 64), tmp_path)
 
 
+@pytest.mark.parametrize("pretext,network,loss,out_channels,transform", [
+    ("block_mix", EncoderHead, torch.nn.CrossEntropyLoss, 3, RandModalityBlockMixd),
+    ("context_restoration", CFBUNet, torch.nn.MSELoss, 4, RandContextSwapd),
+])
+def test_the_pretext_switch_picks_network_loss_head_and_transforms_together(pretext, network, loss, out_channels,
+                                                                            transform):
+    """``pretext`` (one ``medssl.utils.choose`` per part in pretrain.json) selects every pretext-specific part
+    at once, over the shared CFB U-Net that fine-tuning loads."""
+    parser = _parser("pretrain", pretext=pretext)
+    net = parser.get_parsed_content("network")
+    assert type(net) is network and isinstance(parser.get_parsed_content("loss"), loss)
+    assert parser.get_parsed_content("network_def").out_channels == out_channels
+    if network is EncoderHead:
+        assert net.backbone is parser.get_parsed_content("network_def")  # pretrained.pt is the backbone
+    random = parser.get_parsed_content("train#random_transforms")
+    assert isinstance(random[-1], transform)
+    assert not any(isinstance(t, (RandContextSwapd, RandModalityBlockMixd)) and not isinstance(t, transform)
+                   for t in random)
+
+
 def _error_text(e):
     parts = []
     while e is not None:
@@ -94,7 +117,7 @@ def _error_text(e):
 ])
 def test_bad_pretext_settings_fail_while_the_config_is_parsed(overrides, message):
     with pytest.raises(Exception) as e:
-        _parser("pretrain.json", **overrides).get_parsed_content("train#trainer")
+        _parser("pretrain", **overrides).get_parsed_content("train#trainer")
     assert message in _error_text(e.value)
 
 

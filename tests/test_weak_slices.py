@@ -45,3 +45,14 @@ def test_image_level_only_refuses_pixel_labels_and_single_class_splits(split):
         image_level_only(negatives)
     with pytest.raises(DataError, match=r"no negative \(tumour-free\) image-level label"):
         weak_slice_datalist({"training": split["training"]}, area_threshold=0)
+
+
+def test_modality_channel_is_the_position_of_the_modality_in_a_case(split):
+    from medssl.data import BRATS_MODALITIES, modality_channel
+
+    case = split["training"][0]
+    for m in BRATS_MODALITIES:
+        assert case["image"][modality_channel(m)].endswith(f"_{m}.nii.gz")
+    assert modality_channel("t1", ("t2", "t1")) == 1
+    with pytest.raises(ValueError, match=r"target_modality must be one of \['flair', 't1', 't1ce', 't2'\], got 'dwi'"):
+        modality_channel("dwi")

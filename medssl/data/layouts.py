@@ -18,6 +18,15 @@ BRATS_REGIONS = ("TC", "WT", "ET")  # channel order of ConvertToMultiChannelBase
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
+def modality_channel(modality: str, modalities=BRATS_MODALITIES) -> int:
+    """The channel index of ``modality`` in an image stacked in the order of ``modalities`` (BraTS:
+    flair, t1, t1ce, t2), e.g. the reconstruction target of a bundle's ``target_modality``; an unknown
+    name raises :func:`medssl.utils.check_choice`'s error naming the config id ``target_modality``."""
+    from medssl.utils import check_choice
+
+    return list(modalities).index(check_choice("target_modality", modality, modalities))
+
+
 def find_modality(case_dir: Path, case: str, name: str) -> Path | None:
     """The file (or DICOM series folder) of modality ``name`` of ``case``, or None when absent."""
     for suffix in IMAGE_SUFFIXES:
@@ -68,6 +77,14 @@ def nuclei_cases(dataset_dir: str | Path) -> list[dict]:
 LAYOUTS = {"brats": brats_cases, "nuclei": nuclei_cases}
 EXPECTED_LAYOUT = {"brats": "BraTS case folders <case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz",
                    "nuclei": "images/<id>.png with labels/<id>.png"}
+
+
+def dataset_layout(dataset_name: str) -> str:
+    """The layout (a key of :data:`LAYOUTS`) a 2D bundle reads for the data set called ``dataset_name``:
+    ``"brats"`` (4-modality NIfTI volumes, used slice by slice) for a name starting with ``brats``,
+    else ``"nuclei"`` (PNG images). Bundle configs switch their data variants on it with
+    :func:`medssl.utils.choose`."""
+    return "brats" if str(dataset_name).startswith("brats") else "nuclei"
 
 
 def detect_layout(dataset_dir: str | Path) -> str:

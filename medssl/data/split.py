@@ -66,6 +66,44 @@ def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0
     }
 
 
+def make_fold(cases: Sequence[dict], fold: int, num_folds: int = 5, label_fraction: float = 1.0, seed: int = 0,
+              val_fraction: float = 0.15) -> dict:
+    """Fold ``fold`` of a ``num_folds``-fold cross-validation of ``cases``, as an MSD-style datalist.
+
+    The cases are shuffled once with ``seed`` and cut into ``num_folds`` near-equal parts: part ``fold`` is
+    the ``test`` set, so over the folds every case is tested exactly once. From the other cases
+    ``max(1, round(val_fraction * n))`` go to ``validation`` (none when ``val_fraction`` is 0) and the rest
+    to ``training``, of which ``max(1, round(label_fraction * n_training))`` are ``labelled``. For one
+    (seed, fold) the three sets do not depend on the label fraction and the labelled cases are nested
+    across fractions (those at 0.1 are among those at 0.2), so fractions compare like with like.
+    """
+    if not 0 <= int(fold) < int(num_folds) or int(num_folds) < 2:
+        raise ValueError(f"fold must be in [0, num_folds) with num_folds >= 2, got fold={fold}, num_folds={num_folds}")
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    cases = sorted(cases, key=lambda c: c["case"])
+    if len(cases) < num_folds:
+        raise DataError([f"{len(cases)} cases cannot make {num_folds} folds; expected at least {num_folds}"])
+    parts = np.array_split(np.random.RandomState(seed).permutation(len(cases)), num_folds)
+    test = [cases[i] for i in sorted(parts[fold], key=lambda i: cases[i]["case"])]
+    rest = [cases[i] for j, part in enumerate(parts) if j != fold for i in part]
+    rng = np.random.RandomState([seed, fold])
+    rest = [rest[i] for i in rng.permutation(len(rest))]
+    n_val = 0 if val_fraction <= 0 else min(max(1, int(round(val_fraction * len(rest)))), len(rest) - 1)
+    val, train = rest[:n_val], rest[n_val:]
+    n_lab = max(1, int(round(label_fraction * len(train))))
+    labelled = {c["case"] for c in train[:n_lab]}
+    return {
+        "seed": seed,
+        "fold": int(fold),
+        "num_folds": int(num_folds),
+        "label_fraction": label_fraction,
+        "training": [dict(c, labelled=c["case"] in labelled) for c in sorted(train, key=lambda c: c["case"])],
+        "validation": sorted(val, key=lambda c: c["case"]),
+        "test": test,
+    }
+
+
 def write_datalist(datalist: dict, path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
     """Write ``datalist`` atomically, with image/label paths relative to ``base_dir``."""
     base = Path(base_dir).resolve()

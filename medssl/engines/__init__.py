@@ -4,8 +4,8 @@ from .barlow_twins import BarlowTwinsIteration, BarlowTwinsNet
 from .seg_contrastive import SegContrastiveIteration
 from .semi import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLabelIteration, SemiCMLIteration,
                    sigmoid_rampup)
-from .weak import WEAK_METHODS, ClusterReSupervisionIteration, WeakSegReport
+from .weak import WEAK_METHODS, ClusterReSupervisionIteration, WeakSegReport, weak_or_supervised
 from .handlers import BestModelSaver, LoadCheckpoint, MetricsReport, ResumableCheckpoint
 
-__all__ = ["WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
+__all__ = ["WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "weak_or_supervised", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
            "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

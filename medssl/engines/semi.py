@@ -315,6 +315,23 @@ class ChooseStronger:
                               self.output_file)
 
 
+def checkpoint_dict(network: nn.Module, best_model, optimizers: Mapping[str, torch.optim.Optimizer],
+                    lr_schedulers: Sequence, iteration=None) -> dict:
+    """The ``save_dict`` of a resumable checkpoint of the several-network engines here: the
+    :class:`~medssl.networks.PairedNetwork` (``network``), the best-model saver (``best_model``), each
+    network's optimiser and learning-rate scheduler (``optimizer_<name>``, ``lr_scheduler_<name>``;
+    ``lr_schedulers`` in the order of ``optimizers``) and, when the ``iteration`` keeps networks of its
+    own (the teachers of :class:`MeanTeacherIteration`), those as ``teachers``, so that a resumed run
+    continues every piece of state."""
+    if len(lr_schedulers) != len(optimizers):
+        raise ValueError(f"{len(optimizers)} optimisers ({', '.join(optimizers)}) but {len(lr_schedulers)} "
+                         "learning-rate schedulers; expected one per network")
+    teachers = getattr(iteration, "teachers", None)
+    return dict(network=network, best_model=best_model, **{f"optimizer_{m}": o for m, o in optimizers.items()},
+                **{f"lr_scheduler_{m}": s for m, s in zip(optimizers, lr_schedulers)},
+                **({"teachers": teachers} if teachers is not None else {}))
+
+
 def keep_networks(checkpoint: str, ckpt_dir: str) -> str:
     """What the PReL stage does when the datalist has no unlabelled case (e.g. 100% labels): there is
     nothing to pseudo-label, so the contrastive-mutual-learning networks are kept unchanged - the

@@ -18,6 +18,17 @@ from .semi import sigmoid_rampup
 WEAK_METHODS = ("cluster_resupervision", "cam", "supervised")
 
 
+def weak_or_supervised(method: str, weak, supervised):
+    """``weak`` for a ``method`` trained from image-level labels (``cluster_resupervision``, ``cam``),
+    ``supervised`` for the pixel-supervised upper bound (``supervised``): the bundle's switch between the
+    two kinds of training (slices with or without pixel labels, the weak iteration or MONAI's default,
+    the classifier gate of :class:`medssl.networks.CAMOutput`). An unknown ``method`` raises
+    :func:`medssl.utils.check_choice`'s error naming :data:`WEAK_METHODS`."""
+    from medssl.utils import choose
+
+    return choose("method", method, **{m: supervised if m == "supervised" else weak for m in WEAK_METHODS})
+
+
 class ClusterReSupervisionIteration:
     """``iteration_update`` for a :class:`medssl.networks.CAMSegNet` trained from image-level labels.
 

@@ -49,3 +49,15 @@ class PairedNetwork(nn.Module):
         if x.shape[1] != len(self.networks):
             raise ValueError(f"expected {len(self.networks)} input channels ({', '.join(self.names)}), got {x.shape[1]}")
         return torch.cat([net(x[:, i : i + 1]) for i, net in enumerate(self.networks.values())], dim=1)
+
+
+def distributed(network: PairedNetwork, device: torch.device) -> PairedNetwork:
+    """``network`` for multi-GPU training (``torchrun``): each member moved to ``device`` and wrapped in
+    its own ``DistributedDataParallel`` (``device_ids=[device]`` on CUDA, none on CPU/gloo), so every
+    member's gradients are averaged over the ranks while the members keep their separate optimisers.
+    Needs an initialised process group; the members' names and order are kept."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device] if torch.cuda.is_available() else None
+    return PairedNetwork({m: DistributedDataParallel(n.to(device), device_ids=ids)
+                          for m, n in network.networks.items()})

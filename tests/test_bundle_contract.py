@@ -1,0 +1,94 @@
+"""Every bundle found by ``list_bundles()`` meets the one written bundle contract (medssl.contract):
+files, metadata fields, stages, the ids MONAI's tools read, thin layered configs - and runs from a copy of
+its own folder alone, writing where the model zoo expects. A new bundle is covered without editing a list."""
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+
+from conftest import TINY, monai_run
+from medssl.bundles import bundle_path, format_config, list_bundles, stage_config_files
+from medssl.contract import METRICS_KEYS, METRICS_ROW_KEYS, check_bundle
+
+BUNDLES = [b["name"] for b in list_bundles()]
+
+
+def test_five_bundles_are_found():
+    assert {"context_restoration", "dfr_barlow", "slem", "semi_cml", "cluster_resupervision"} <= set(BUNDLES)
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_bundle_meets_the_contract(bundle):
+    assert check_bundle(bundle_path(bundle)) == []
+
+
+def test_contract_check_names_what_is_wrong(tmp_path):
+    """The check is not vacuous: a copy with an overlay that repeats imports, a long expression, an outside
+    reference and a missing stage id is reported line by line."""
+    root = tmp_path / "context_restoration"
+    shutil.copytree(bundle_path("context_restoration"), root)
+    ev = root / "configs" / "evaluate.json"
+    cfg = json.loads(ev.read_text())
+    cfg["imports"] = ["$import torch"]
+    cfg["x"] = "$" + "1 + " * 40 + "1"
+    cfg["y"] = "../other_bundle/configs/train.json"
+    ev.write_text(json.dumps(cfg))
+    (root / "configs" / "inference.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((root / "configs" / "inference.json").read_text()).items() if k != "inferer"}))
+    problems = "\n".join(check_bundle(root))
+    assert "must not repeat 'imports'" in problems
+    assert "expression (max 120)" in problems
+    assert "outside its bundle folder" in problems
+    assert "lacks the id 'inferer'" in problems
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_configs_are_in_canonical_form_without_repeated_blocks(bundle):
+    """Every config is written as ``format_config`` writes it, and no block of 20 or more lines appears
+    twice within a bundle's configs (repeated wiring belongs in train.json, repeated logic in medssl)."""
+    texts = {}
+    for f in sorted((bundle_path(bundle) / "configs").glob("*.json")):
+        text = f.read_text()
+        assert text == format_config(json.loads(text)) + "\n", f"{f}: not in canonical form (medssl.bundles.format_config)"
+        texts[f.name] = [line.strip() for line in text.splitlines()]
+    windows = Counter(tuple(lines[i:i + 20]) for lines in texts.values() for i in range(len(lines) - 19))
+    repeated = [w for w, n in windows.items() if n > 1 and sum(len(x) > 3 for x in w) > 10]
+    assert not repeated, f"{bundle}: a 20-line block appears twice, starting {repeated[0][:3]}"
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+@pytest.mark.parametrize("stage,workflow_type", [("train", "train"), ("evaluate", "infer"), ("inference", "infer")])
+def test_monai_property_check_passes_on_layered_configs(bundle, stage, workflow_type):
+    """MONAI's own property check (what MONAI Label and the model zoo rely on) finds every id, with the
+    overlay stages layered over train.json as the model zoo runs them."""
+    from monai.bundle import ConfigWorkflow
+    from monai.bundle.properties import InferProperties, TrainProperties
+
+    root = bundle_path(bundle)
+    wf = ConfigWorkflow(config_file=[str(f) for f in stage_config_files(root, stage)],
+                        meta_file=str(root / "configs" / "metadata.json"), logging_file=False,
+                        workflow_type=workflow_type, init="baseline")
+    wf.initialize()
+    assert wf.check_properties() == []
+    props = TrainProperties if workflow_type == "train" else InferProperties
+    assert [p["bundle_id"] for p in props.values() if p.get("bundle_id") and p["bundle_id"] not in wf.parser] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_bundle_folder_runs_alone_from_inside(bundle, tmp_path):
+    """A copy of the bundle folder (as unzipped from a zoo) runs train then evaluate from inside it with the
+    model zoo's command lines; ``bundle_root`` '.' puts model.pt in its own models/ and metrics.json in its
+    own eval/, with the contract's keys and one row per test case."""
+    root = tmp_path / bundle
+    shutil.copytree(bundle_path(bundle), root)
+    small = {"dfr_barlow": ["--batch_size", 4], "cluster_resupervision": ["--batch_size", 4]}.get(bundle, [])
+    monai_run(root / "configs", "train", *TINY, "--val_interval", 1, "--init", "baseline", *small)
+    assert (root / "models" / "model.pt").is_file()
+    monai_run(root / "configs", "evaluate", *small)
+    metrics = json.loads((root / "eval" / "metrics.json").read_text())
+    assert set(METRICS_KEYS) <= set(metrics), sorted(metrics)
+    rows = [metrics[k] for k in METRICS_ROW_KEYS if k in metrics]
+    assert len(rows) == 1 and len(rows[0]) == metrics["num_cases"] > 0
