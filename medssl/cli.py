@@ -6,7 +6,7 @@
     medssl data prepare SRC OUT
     medssl data split DIR --out FILE [--label_fraction 0.1] [--seed 0] [--val_fraction 0.15] [--test_fraction 0.3]
     medssl data check DIR
-    medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --seeds 0,1,2 --budget small --out DIR
+    medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --folds 5 --seed 0 --budget small --out DIR
 """
 
 from __future__ import annotations
@@ -92,13 +92,15 @@ class CLI:
             print(f"medssl run {bundle} {stage}: {type(cause).__name__}: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", seeds="0,1,2",
-                  budget: str = "small", out: str = "benchmark_out", variants=None,
+    def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", folds: int | None = None,
+                  seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants=None,
                   reevaluate: bool = False):
-        """Method vs baseline (and the bundle's other variants) at each label fraction and seed; writes
-        results.json/.md and label_efficiency.png. --variants method,baseline trains only those now and
-        still reports the other variants' runs already finished under --out; --reevaluate re-runs only the
-        evaluation of their finished runs (models and training times kept).
+        """Method vs baseline (and the bundle's other variants, bundles/BUNDLE/benchmark.json) at each label
+        fraction, by k-fold cross-validation (--folds, default the bundle's; --seed fixes the fold
+        assignment): every case is tested once; variants are compared with the baseline case by case
+        (paired bootstrap). Writes results.json/.md and label_efficiency.png. --variants method,baseline
+        trains only those now and still reports the other variants' runs already finished under --out;
+        --reevaluate re-runs only the evaluation of their finished runs (models and training times kept).
 
         Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
         sample first where it is absent."""
@@ -110,7 +112,8 @@ class CLI:
             if bundle not in BENCHMARKS:
                 raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
             data_dir = str(ensure_sample(data_root(), BENCHMARKS[bundle].dataset))
-        run_benchmark(bundle, data_dir, fractions, seeds, budget, out, variants=variants, reevaluate=reevaluate)
+        run_benchmark(bundle, data_dir, fractions, folds=folds, seed=seed, budget=budget, out=out, variants=variants,
+                      reevaluate=reevaluate)
         print(Path(out, "results.md").read_text())
 
 

@@ -16,11 +16,15 @@ def _patch_mask(shape, corners, patch):
 
 
 @pytest.fixture(scope="module")
-def volume(brats_dir):
+def raw_volume(brats_dir):
     case = sorted(p for p in brats_dir.iterdir() if p.is_dir())[0]
     files = [str(case / f"{case.name}_{m}.nii.gz") for m in ("flair", "t1", "t1ce", "t2")]
-    img = LoadImage(image_only=True, ensure_channel_first=True)(files)
-    return NormalizeIntensity(nonzero=True, channel_wise=True)(img)
+    return LoadImage(image_only=True, ensure_channel_first=True)(files)
+
+
+@pytest.fixture(scope="module")
+def volume(raw_volume):
+    return NormalizeIntensity(nonzero=True, channel_wise=True)(raw_volume.clone())  # it works in place
 
 
 @pytest.mark.parametrize("spatial", [(40, 48), (32, 40, 36)])
@@ -69,11 +73,31 @@ def test_real_volume_histogram_preserved_and_foreground_only(volume):
         h1 = torch.histc(y[c].as_tensor(), bins=64, min=-3, max=6)
         assert torch.equal(h0, h1)
     assert not torch.equal(y, volume)
-    fg = (volume != volume.reshape(4, -1).min(1).values[:, None, None, None]).any(0).numpy()
-    centres = t.corners + 4
-    for c in centres.reshape(-1, 3):
-        # a centre is either in the foreground or clipped to stay inside the image
-        assert fg[tuple(c)] or np.any(c == 4) or np.any(c >= np.array(volume.shape[1:]) - 4)
+
+
+def test_foreground_patches_sit_in_the_brain_of_a_normalised_crop(raw_volume, volume):
+    """As in the bundle: z-scored over the brain (background 0, brain minimum negative), then a 64^3
+    crop reaching outside the brain. Every patch centre lies in the brain mask computed from the RAW
+    image (any modality > 0), and patches are mostly brain; without ``foreground_only`` a fifth or
+    more of the patches would sit mostly in background (the old default mask, "any channel above its
+    minimum", selected every voxel of such a crop: that is what ``anywhere`` measures)."""
+    brain = (raw_volume > 0).any(0).numpy()
+    corner = [max(0, s - 64) for s in brain.shape]  # the far corner of the volume: part brain, part background
+    crop = (slice(None),) + tuple(slice(c, c + 64) for c in corner)
+    x, mask = volume[crop], brain[crop[1:]]
+    assert 0.1 < mask.mean() < 0.9
+
+    def brain_fraction(t):
+        t.set_random_state(0)(x)
+        return np.array([mask[tuple(slice(c, c + 8) for c in corner)].mean() for corner in t.corners.reshape(-1, 3)])
+
+    t = RandContextSwap(patch_size=8, num_swaps=20, foreground_only=True)
+    inside = brain_fraction(t)
+    for c in t.corners.reshape(-1, 3) + 4:  # centre, unless clipped to keep the patch inside the crop
+        assert mask[tuple(c)] or np.any(c == 4) or np.any(c >= 60)
+    anywhere = brain_fraction(RandContextSwap(patch_size=8, num_swaps=20))
+    assert inside.mean() > 0.75 and (inside < 0.5).mean() < 0.1
+    assert (anywhere < 0.5).mean() >= 0.2 and inside.mean() > anywhere.mean() + 0.1
 
 
 def test_dict_swaps_every_key_at_the_same_positions():

@@ -32,15 +32,14 @@ def _raw(img: NdarrayOrTensor):
     return img
 
 
-def _default_select(img: NdarrayOrTensor) -> np.ndarray:
-    """Foreground = voxels where any channel differs from that channel's minimum (the background)."""
+def nonzero_foreground(img: NdarrayOrTensor) -> np.ndarray:
+    """Foreground = voxels where any channel is non-zero: the brain of a skull-stripped MR volume, both
+    raw (background 0) and after ``NormalizeIntensity(nonzero=True)`` (which z-scores the brain and
+    leaves the background at exactly 0; the brain's minimum is then negative, so "differs from the
+    minimum" would select every voxel). Zero padding counts as background too."""
     a = _raw(img)
     a = a.cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
-    mins = a.reshape(a.shape[0], -1).min(1)
-    mask = a[0] != mins[0]
-    for c in range(1, a.shape[0]):
-        mask |= a[c] != mins[c]
-    return mask
+    return (a != 0).any(axis=0)
 
 
 class RandContextSwap(RandomizableTransform):
@@ -52,7 +51,8 @@ class RandContextSwap(RandomizableTransform):
         prob: probability of corrupting at all (the paper corrupts every sample: 1.0).
         foreground_only: restrict patch centres to foreground voxels (see ``select_fn``), so that
             swaps do not just exchange empty background.
-        select_fn: maps a channel-first image to a spatial boolean foreground mask (numpy or torch).
+        select_fn: maps a channel-first image to a spatial boolean foreground mask (numpy or torch);
+            default :func:`nonzero_foreground` (any channel non-zero).
         max_attempts: candidate positions drawn per patch before giving up with a ``ValueError``.
 
     Every patch (of every pair) is disjoint from every other, so the output is a permutation of
@@ -64,7 +64,7 @@ class RandContextSwap(RandomizableTransform):
     backend = ["torch", "numpy"]
 
     def __init__(self, patch_size: Sequence[int] | int, num_swaps: int = 10, prob: float = 1.0,
-                 foreground_only: bool = False, select_fn: Callable = _default_select, max_attempts: int = 50):
+                 foreground_only: bool = False, select_fn: Callable = nonzero_foreground, max_attempts: int = 50):
         RandomizableTransform.__init__(self, prob)
         if num_swaps < 0:
             raise ValueError(f"num_swaps must be >= 0, got {num_swaps}")
@@ -150,7 +150,7 @@ class RandContextSwapd(RandomDictWrapper):
     backend = RandContextSwap.backend
 
     def __init__(self, keys: KeysCollection, patch_size: Sequence[int] | int, num_swaps: int = 10, prob: float = 1.0,
-                 foreground_only: bool = False, select_fn: Callable = _default_select, max_attempts: int = 50,
+                 foreground_only: bool = False, select_fn: Callable = nonzero_foreground, max_attempts: int = 50,
                  corners_key: str | None = None, allow_missing_keys: bool = False):
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
