@@ -47,7 +47,8 @@ def _run_targets(parser) -> list[str]:
 
 class Describer:
     def __init__(self, data_root: str, bundle_root: str = ROOT):
-        self.subs = [(str(bundle_root), "$ROOT"), (str(data_root), "$DATA")]
+        # the data folder as given and as resolved (it may be reached through a link)
+        self.subs = [(str(bundle_root), "$ROOT"), (str(Path(data_root).resolve()), "$DATA"), (str(data_root), "$DATA")]
         self.seen: set[int] = set()
 
     def text(self, s: str) -> str:

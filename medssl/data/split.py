@@ -105,10 +105,13 @@ def make_fold(cases: Sequence[dict], fold: int, num_folds: int = 5, label_fracti
 
 
 def write_datalist(datalist: dict, path: str | os.PathLike, base_dir: str | os.PathLike) -> Path:
-    """Write ``datalist`` atomically, with image/label paths relative to ``base_dir``."""
+    """Write ``datalist`` atomically, with image/label paths relative to ``base_dir`` (both resolved, so a
+    data folder reached through a link still gives paths inside it)."""
     base = Path(base_dir).resolve()
-    out = {k: [_map_paths(c, lambda p: os.path.relpath(p, base)) for c in v] if isinstance(v, list) else v
-           for k, v in datalist.items()}
+    def relative(p):
+        return os.path.relpath(Path(p).resolve(), base)
+
+    out = {k: [_map_paths(c, relative) for c in v] if isinstance(v, list) else v for k, v in datalist.items()}
     return atomic_write_json(out, path)
 
 
