@@ -25,10 +25,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..bundles import bundle_path, bundles_dir, run_stage
+from ..bundles import bundles_dir, run_stage
 from ..data import LAYOUTS, check_cases, detect_layout, make_fold, write_datalist
 from ..utils import atomic_write, atomic_write_json, atomic_write_text
-from .stats import paired_bootstrap, paired_differences
+from .stats import bootstrap_ci, paired_bootstrap, paired_differences
 
 
 @dataclass
@@ -93,7 +93,7 @@ class BenchmarkSpec:
 
 def load_spec(bundle: str) -> BenchmarkSpec:
     """The :class:`BenchmarkSpec` of ``bundle``, read from ``bundles/<bundle>/benchmark.json`` and checked."""
-    path = bundle_path(bundle) / "benchmark.json"
+    path = _spec_file(bundle)
     if not path.is_file():
         raise ValueError(f"{path}: missing; no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
     raw = json.loads(path.read_text())
@@ -110,23 +110,27 @@ def load_spec(bundle: str) -> BenchmarkSpec:
     return spec
 
 
+def _spec_file(bundle: str) -> Path:
+    return bundles_dir() / bundle / "benchmark.json"
+
+
 class _Specs(Mapping):
     """Read-only mapping: bundle name -> :class:`BenchmarkSpec`, for every bundle with a ``benchmark.json``
-    (read when looked up, so an edited file is seen at once)."""
+    (read when looked up, so an edited file is seen at once; membership reads no spec)."""
 
-    def _names(self) -> list[str]:
-        return sorted(p.parent.name for p in bundles_dir().glob("*/benchmark.json"))
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and _spec_file(name).is_file()
 
     def __getitem__(self, name: str) -> BenchmarkSpec:
-        if name not in self._names():
+        if name not in self:
             raise KeyError(name)
         return load_spec(name)
 
     def __iter__(self):
-        return iter(self._names())
+        return iter(sorted(p.parent.name for p in bundles_dir().glob("*/benchmark.json")))
 
     def __len__(self) -> int:
-        return len(self._names())
+        return sum(1 for _ in self)
 
 
 BENCHMARKS = _Specs()
@@ -153,8 +157,6 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     ``reevaluate`` runs the evaluation stage again on the finished runs of the selected variants
     (their trained models and training times are kept): for a changed evaluation, without retraining.
     """
-    if bundle not in BENCHMARKS:
-        raise ValueError(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
     spec = load_spec(bundle)
     if budget not in spec.budgets:
         raise ValueError(f"budget must be one of {sorted(spec.budgets)}, got {budget!r}")
@@ -343,7 +345,7 @@ def summarise(runs: list[dict], fractions, names, regions) -> list[dict]:
             rows.append({
                 "fraction": f, "variant": name, "n_folds": len(sel), "n_cases": len(dice),
                 "mean_dice": _mean(means, 4), "std_dice": round(float(np.std(means)), 4) if means else None,
-                "mean_dice_ci": paired_bootstrap(means)["ci"],
+                "mean_dice_ci": bootstrap_ci(means)[1],
                 "dice": {g: _mean(_region_values(dice, g, regions).values(), 4) for g in regions},
                 "mean_hd95": _mean(_region_values(hd95, "mean", regions).values(), 2),
                 "hd95": {g: _mean(_region_values(hd95, g, regions).values(), 2) for g in regions},

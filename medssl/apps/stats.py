@@ -14,23 +14,30 @@ import numpy as np
 VERDICTS = ("better", "worse", "no detectable difference")
 
 
+def bootstrap_ci(values: Sequence[float], num_resamples: int = 10000, confidence: float = 0.95,
+                 seed: int = 0) -> tuple[np.ndarray, list]:
+    """The finite ``values`` (NaNs and infinities dropped) and the percentile bootstrap ``confidence``
+    interval of their mean, ``[lo, hi]`` (``[None, None]`` without values). Vectorised: all resamples are
+    drawn as one ``(num_resamples, n)`` index array; seeded, so a report is reproducible."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return v, [None, None]
+    means = v[np.random.default_rng(seed).integers(0, v.size, size=(num_resamples, v.size))].mean(axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return v, [round(float(q), 6) for q in np.quantile(means, [alpha, 1.0 - alpha])]
+
+
 def paired_bootstrap(differences: Sequence[float], num_resamples: int = 10000, confidence: float = 0.95,
                      seed: int = 0) -> dict:
-    """Mean of ``differences`` (variant minus baseline, one per case; NaNs dropped) with a percentile
-    bootstrap ``confidence`` interval over cases, the counts of cases better / worse, and the verdict:
-    ``better`` if the whole interval is above 0, ``worse`` if below, else ``no detectable difference``.
-    Vectorised: all resamples are drawn as one ``(num_resamples, n)`` index array; seeded, so a report is
-    reproducible."""
-    d = np.asarray(differences, dtype=np.float64)
-    d = d[np.isfinite(d)]
-    n = int(d.size)
-    if n == 0:
+    """Mean of ``differences`` (variant minus baseline, one per case; NaNs dropped) with its
+    :func:`bootstrap_ci` over cases, the counts of cases better / worse, and the verdict: ``better`` if the
+    whole interval is above 0, ``worse`` if below, else ``no detectable difference``."""
+    d, (lo, hi) = bootstrap_ci(differences, num_resamples, confidence, seed)
+    if d.size == 0:
         return {"n": 0, "mean": None, "ci": [None, None], "better": 0, "worse": 0, "verdict": "no data"}
-    means = d[np.random.default_rng(seed).integers(0, n, size=(num_resamples, n))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = (float(v) for v in np.quantile(means, [alpha, 1.0 - alpha]))
     verdict = VERDICTS[0] if lo > 0 else VERDICTS[1] if hi < 0 else VERDICTS[2]
-    return {"n": n, "mean": round(float(d.mean()), 6), "ci": [round(lo, 6), round(hi, 6)],
+    return {"n": int(d.size), "mean": round(float(d.mean()), 6), "ci": [lo, hi],
             "better": int((d > 0).sum()), "worse": int((d < 0).sum()), "verdict": verdict}
 
 
