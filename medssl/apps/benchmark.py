@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ class BenchmarkSpec:
     reference: tuple[str, float] | None = None
     folds: int = 5  # k of the k-fold cross-validation
     notes: str = ""
+    # name -> {"variant", "fraction", "fold", "steps": [pretraining lengths]}: see :func:`run_sweep`
+    sweeps: dict = field(default_factory=dict)
 
     def for_layout(self, layout: str) -> tuple[list[str], dict, dict, int]:
         """(regions, stage overrides, split keyword arguments, folds) for a data set of ``layout``."""
@@ -103,7 +106,7 @@ def load_spec(bundle: str) -> BenchmarkSpec:
     spec = BenchmarkSpec(dataset=raw["dataset"], regions=tuple(raw["regions"]), budgets=raw.get("budgets", {}),
                          variants=variants, pretrainings=raw.get("pretrainings", {}), layouts=raw.get("layouts", {}),
                          reference=tuple(raw["reference"]) if raw.get("reference") else None,
-                         folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""))
+                         folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""), sweeps=raw.get("sweeps", {}))
     problems = spec.problems()
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
@@ -144,10 +147,197 @@ def _parse_list(values, cast):
     return [cast(v) for v in values]
 
 
+@dataclass
+class Run:
+    """One entry of a benchmark's plan: a pretraining (``kind="pretrain"``) or a variant's fine-tuning and
+    evaluation (``kind="variant"``) on one fold (and fraction). ``dir`` holds its files; it is finished
+    when its record (``timing.json`` / ``run.json``) is there."""
+
+    kind: str
+    fold: int
+    name: str
+    dir: Path
+    datalist: Path
+    fraction: float | None = None
+    overrides: dict = field(default_factory=dict)  # the stage's overrides (budget, variant / pretraining)
+    pretrained: Path | None = None  # a variant's starting weights (its pretraining's pretrained.pt)
+    selected: bool = True  # trained now (else only reported, where an earlier call finished it)
+
+    @property
+    def record(self) -> Path:
+        return self.dir / ("timing.json" if self.kind == "pretrain" else "run.json")
+
+    @property
+    def label(self) -> str:
+        return f"fold {self.fold}: pretrain {self.name}" if self.kind == "pretrain" else \
+            f"fold {self.fold}, fraction {self.fraction:g}: {self.name}"
+
+
+@dataclass
+class Context:
+    """What every run of one benchmark shares: the bundle, its spec, the common overrides and the
+    results being collected."""
+
+    bundle: str
+    spec: BenchmarkSpec
+    common: dict
+    seed: int
+    logging_file: str | bool | None
+    results: dict
+
+
+def plan(spec: BenchmarkSpec, cases, out_dir: Path, fractions, num_folds: int, seed: int, val_fraction: float,
+         budget: str, selected, data_dir: str) -> list[Run]:
+    """The benchmark's runs in execution order: per fold, the pretrainings the ``selected`` variants need,
+    then per fraction every variant in the spec's order (so a ``continues`` variant comes after the one it
+    continues; unselected ones are only reported, where an earlier call finished them). Writes each
+    fold's datalists (the cross-validation split; nested labelled subsets)."""
+    overrides = spec.budgets[budget]
+    runs = []
+    for fold in range(num_folds):
+        fold_dir = out_dir / f"fold{fold}"
+        datalists = {f: write_datalist(make_fold(cases, fold, num_folds, f, seed, val_fraction),
+                                       fold_dir / f"datalist_f{f:g}.json", data_dir) for f in fractions}
+        needed = {spec.variants[v].pretrain for v in selected}
+        for name in sorted(n for n in spec.pretrainings if n in needed or (fold_dir / f"pretrain_{n}").is_dir()):
+            # the fold's training cases, labelled or not (the same at every fraction); never its test cases
+            runs.append(Run("pretrain", fold, name, fold_dir / f"pretrain_{name}", datalists[max(fractions)],
+                            overrides={**overrides["pretrain"], **spec.pretrainings[name]}, selected=name in needed))
+        for f in fractions:
+            for name in spec.names:
+                v = spec.variants[name]
+                runs.append(Run("variant", fold, name, fold_dir / f"f{f:g}" / name, datalists[f], f,
+                                {**overrides["train"], **v.train},
+                                fold_dir / f"pretrain_{v.pretrain}" / "pretrained.pt" if v.pretrain else None,
+                                name in selected))
+    return runs
+
+
+def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None = None) -> dict | None:
+    """Do ``run`` unless it is finished (a variant with ``reevaluate``: only its evaluation again) and return
+    its record, or None for an unselected run that no earlier call finished. A variant is trained
+    (:func:`train_run`), then evaluated with its kept model - the best validation's ``model.pt``, or with
+    ``step`` the snapshot ``model_step{step}.pt`` (a training length chosen by :func:`select_steps`)."""
+    if run.record.is_file() and not (reevaluate and run.kind == "variant" and run.selected):
+        return json.loads(run.record.read_text())
+    if not run.selected and not run.record.is_file():
+        return None
+    if run.kind == "pretrain":
+        shutil.rmtree(run.dir, ignore_errors=True)  # an unfinished pretraining starts afresh, as below
+        t0 = time.perf_counter()
+        run_stage(ctx.bundle, "pretrain", ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
+                  **ctx.common, **run.overrides)
+        record = {"pretrain_seconds": round(time.perf_counter() - t0, 1), **pretext_curve(run.dir)}
+        atomic_write_json(record, run.record)
+        return record
+    trained = train_run(run, ctx)
+    variant = ctx.spec.variants[run.name]
+    ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
+    ckpt = {} if step is None else {"ckpt_path": str(ckpt_dir / f"model_step{step}.pt")}
+    # the budget's and the variant's overrides go to evaluation too (network sizes and switches must
+    # match; ids that evaluate.json does not use are inert there)
+    run_stage(ctx.bundle, "evaluate", ctx.logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run.dir),
+              datalist_file=str(run.datalist), **ctx.common, **run.overrides, **ckpt)
+    metrics = json.loads((run.dir / "metrics.json").read_text())
+    n_lab = sum(c.get("labelled", True) for c in json.loads(run.datalist.read_text())["training"])
+    record = run_record(metrics, variant=run.name, fraction=run.fraction, fold=run.fold, seed=ctx.seed,
+                        labelled_cases=n_lab, **trained, **({} if step is None else {"selected_step": step}))
+    atomic_write_json(record, run.record)
+    return record
+
+
+def train_run(run: Run, ctx: Context) -> dict:
+    """Train a variant's run unless its ``trained.json`` is there; returns that record (training seconds
+    and :func:`training_curve`). An unfinished training (cut off midway) starts again from scratch: a
+    resumed training does not redo an uninterrupted one's data order exactly, and a benchmark's numbers
+    must be reproducible."""
+    done = run.dir / "trained.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    variant = ctx.spec.variants[run.name]
+    for stale in (run.dir / "model.pt", run.dir / "train_checkpoint.pt", *run.dir.glob("model_step*.pt")):
+        stale.unlink(missing_ok=True)
+    start = {"pretrained_ckpt": str(run.pretrained)} if run.pretrained else {}
+    before = 0.0
+    if variant.continues:
+        first, key = variant.continues
+        start[key] = str(run.dir.parent / first / "model.pt")
+        before = json.loads((run.dir.parent / first / "trained.json").read_text())["train_seconds"]
+    t0 = time.perf_counter()
+    if variant.stage is not None:  # None: evaluation only, of the continued variant's model
+        run_stage(ctx.bundle, variant.stage, ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
+                  label_fraction=run.fraction, **ctx.common, **start, **run.overrides)
+    ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
+    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(ckpt_dir)}
+    atomic_write_json(record, done)
+    return record
+
+
+def select_steps(trained: dict, steps) -> dict:
+    """The training length of each (fraction, variant), chosen by validation pooled over its folds: for each
+    candidate step (``steps``, the snapshots of every fold's run), the mean over folds of the validation
+    mean Dice logged at that step; the best (the shorter on a tie). ``trained``: {(fraction, variant):
+    [trained records of its folds]}. Returns {(fraction, variant): {"step", "validation": {step: mean}}}."""
+    out = {}
+    for key, records in trained.items():
+        curves = [dict((int(i), v) for i, v in r.get("val_curve", [])) for r in records]
+        pooled = {int(s): _mean([c.get(int(s)) for c in curves], 4) for s in steps
+                  if all(c.get(int(s)) is not None for c in curves)}
+        if not pooled:
+            raise ValueError(f"{key}: no validation logged at any of the snapshot steps {list(steps)}")
+        best = max(pooled.values())
+        out[key] = {"step": min(s for s, v in pooled.items() if v == best), "validation": pooled}
+    return out
+
+
+def _epoch_means(points, epoch_length: int | None = None) -> list:
+    """``[[iteration, value], ...]`` of every iteration -> the mean per ``epoch_length`` iterations (one
+    point per epoch, at its last iteration); None values are skipped."""
+    if not points:
+        return []
+    n = epoch_length or max(1, len(points) // 100)
+    out, block = [], []
+    for i, v in points:
+        if v is not None:
+            block.append(v)
+        if i % n == 0 and block:
+            out.append([i, round(float(np.mean(block)), 5)])
+            block = []
+    return out
+
+
+def training_curve(ckpt_dir: Path) -> dict:
+    """From a training's ``train_curve.json`` (:class:`medssl.engines.CurveLog`): its validation curve
+    (``val_curve``: [[step, val_mean_dice], ...]), loss per epoch (``loss_curve``), the step of the best
+    validation (``best_step``, the model kept) and the last step trained (``steps``: less than the budget
+    where early stopping ended it). Empty where the bundle writes no curve."""
+    path = Path(ckpt_dir) / "train_curve.json"
+    if not path.is_file():
+        return {}
+    curve = json.loads(path.read_text())
+    val = curve["metrics"].get("val_mean_dice", [])
+    scored = [p for p in val if p[1] is not None]
+    return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "val_curve": val,
+            "best_step": max(scored, key=lambda p: p[1])[0] if scored else None,
+            "loss_curve": _epoch_means(curve["loss"])}
+
+
+def pretext_curve(pre_dir: Path) -> dict:
+    """A pretraining's pretext-loss curve (per ~1% of its steps) and its other logged terms, from
+    ``pretrain_curve.json``; empty where the bundle writes none."""
+    path = Path(pre_dir) / "pretrain_curve.json"
+    if not path.is_file():
+        return {}
+    curve = json.loads(path.read_text())
+    return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "loss_curve": _epoch_means(curve["loss"]),
+            **{f"{k}_curve": _epoch_means(v) for k, v in curve["metrics"].items() if k.startswith("train_")}}
+
+
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: int | None = None, seed: int = 0,
                   budget: str = "small", out: str = "benchmark_out", progress: bool = True,
                   logging_file: str | bool | None = None, variants=None, reevaluate: bool = False) -> dict:
-    """Run (or resume) the benchmark grid (folds x fractions x variants); returns the ``results.json`` content.
+    """Run (or resume) the benchmark grid (folds x fractions x variants): :func:`plan`, then
+    :func:`execute` each run, then :func:`report`; returns the ``results.json`` content.
 
     ``folds`` (default: the spec's, per data layout) and ``seed`` fix the cross-validation
     (:func:`medssl.data.make_fold`); an ``out`` already used with other folds or seed is refused.
@@ -157,11 +347,68 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     ``reevaluate`` runs the evaluation stage again on the finished runs of the selected variants
     (their trained models and training times are kept): for a changed evaluation, without retraining.
     """
-    spec = load_spec(bundle)
+    spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
+                                                 out, logging_file, variants)
+    results = ctx.results
+    results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir) if r]
+    report(results, spec.names, spec.reference)
+    # a resumed call that trains little must not report its own small footprint as the benchmark's
+    results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
+    write_reports(results, out_dir)
+    return results
+
+
+def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, progress: bool,
+                 out_dir: Path) -> list[dict | None]:
+    """:func:`execute` every run of the plan, the variants' records in plan order (None: not run). Where the
+    budget has ``select_step`` (and ``train.snapshot_steps``), every run is trained first and each
+    (fraction, variant) then evaluated at the training length :func:`select_steps` chose on validation
+    (``results["selected_steps"]``). ``results.json`` is rewritten after each evaluated run."""
+    from tqdm.auto import tqdm
+
+    results, budget_spec = ctx.results, ctx.spec.budgets[budget]
+    steps = budget_spec.get("train", {}).get("snapshot_steps") if budget_spec.get("select_step") else None
+    chosen = {}
+    if steps:
+        trained = {}
+        bar = tqdm(runs, desc=f"{ctx.bundle}: train", disable=not progress)
+        for run in bar:
+            bar.set_postfix_str(run.label)
+            if run.kind == "pretrain":
+                _record_pretraining(results, run, execute(run, ctx))
+            elif run.selected or (run.dir / "trained.json").is_file():
+                trained.setdefault((run.fraction, run.name), []).append(train_run(run, ctx))
+        chosen = select_steps(trained, steps)
+        results["selected_steps"] = [{"fraction": f, "variant": v, **c} for (f, v), c in chosen.items()]
+    records = []
+    bar = tqdm(runs, desc=f"{ctx.bundle}: evaluate" if steps else ctx.bundle, disable=not progress)
+    for run in bar:
+        bar.set_postfix_str(run.label)
+        record = execute(run, ctx, reevaluate, chosen.get((run.fraction, run.name), {}).get("step"))
+        if run.kind == "pretrain":
+            if record:
+                _record_pretraining(results, run, record)
+            continue
+        records.append(record)
+        results["runs"] = [r for r in records if r]
+        atomic_write_json(results, out_dir / "results.json")
+    return records
+
+
+def _record_pretraining(results: dict, run: Run, record: dict) -> None:
+    results.setdefault("pretrain_seconds", {}).setdefault(run.name, {})[str(run.fold)] = record["pretrain_seconds"]
+    if "loss_curve" in record:
+        results.setdefault("pretrain_curves", {}).setdefault(run.name, {})[str(run.fold)] = \
+            {k: v for k, v in record.items() if k != "pretrain_seconds"}
+
+
+def _prepare(bundle, spec, data_dir, fractions, folds, seed, budget, out, logging_file, variants):
+    """Check the arguments and the data set (every problem before any training); the spec, the shared
+    :class:`Context`, the :func:`plan`, the output folder and an earlier call's results there."""
     if budget not in spec.budgets:
         raise ValueError(f"budget must be one of {sorted(spec.budgets)}, got {budget!r}")
     fractions, seed = _parse_list(fractions, float), int(seed)
-    selected = spec.names if variants is None else _parse_list(variants, str)
+    selected = spec.names if variants is None else _parse_list(variants, str)  # the sweep: all of its spec's
     unknown = sorted(set(selected) - set(spec.names))
     if unknown:
         raise ValueError(f"unknown variants {unknown} for {bundle!r}; expected some of {spec.names}")
@@ -173,91 +420,62 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     regions, data_overrides, split_args, default_folds = spec.for_layout(layout)
     num_folds = int(folds or default_folds)
     val_fraction = float(split_args.get("val_fraction", 0.15))
-    overrides = spec.budgets[budget]
     previous = out_dir / "results.json"  # an earlier call's peak memory (results.json is rewritten below)
     earlier = json.loads(previous.read_text()) if previous.is_file() else {}
     if earlier and (earlier.get("folds"), earlier.get("seed")) != (num_folds, seed):
         raise ValueError(f"{out_dir}: holds a benchmark with folds={earlier.get('folds')}, seed={earlier.get('seed')}; "
                          f"expected folds={num_folds}, seed={seed} (or another --out)")
     results = {"bundle": bundle, "dataset": Path(data_dir).name, "data_dir": data_dir, "budget": budget,
-               "fractions": fractions, "folds": num_folds, "seed": seed, "val_fraction": val_fraction,
-               "regions": regions, "runs": []}
+               "budget_overrides": spec.budgets[budget], "fractions": fractions, "folds": num_folds, "seed": seed,
+               "val_fraction": val_fraction, "regions": regions, "runs": []}
+    ctx = Context(bundle, spec, {"dataset_dir": data_dir, "seed": seed, **data_overrides}, seed, logging_file, results)
+    runs = plan(spec, cases, out_dir, fractions, num_folds, seed, val_fraction, budget, selected, data_dir)
+    return spec, ctx, runs, out_dir, earlier
 
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=num_folds * (1 + len(fractions) * len(selected)), desc=f"benchmark {bundle}",
-               disable=not progress)
-    for fold in range(num_folds):
-        fold_dir = out_dir / f"fold{fold}"
-        datalists = {f: write_datalist(make_fold(cases, fold, num_folds, f, seed, val_fraction),
-                                       fold_dir / f"datalist_f{f:g}.json", data_dir) for f in fractions}
-        common = {"dataset_dir": data_dir, "seed": seed, **data_overrides}
-        weights = {}
-        for name in sorted({v.pretrain for v in spec.variants.values() if v.pretrain}):
-            pre_dir = fold_dir / f"pretrain_{name}"
-            weights[name] = pre_dir / "pretrained.pt"
-            needed = any(spec.variants[v].pretrain == name for v in selected)
-            if not weights[name].is_file() and not needed:
-                continue
-            if not weights[name].is_file():
-                bar.set_postfix_str(f"fold {fold}: pretrain {name}")
-                t0 = time.perf_counter()
-                # the fold's training cases, labelled or not (the same at every fraction); never its test cases
-                run_stage(bundle, "pretrain", logging_file, ckpt_dir=str(pre_dir),
-                          datalist_file=str(datalists[max(fractions)]), **common,
-                          **{**overrides["pretrain"], **spec.pretrainings[name]})
-                atomic_write_json({"pretrain_seconds": time.perf_counter() - t0}, pre_dir / "timing.json")
-            timing = json.loads((pre_dir / "timing.json").read_text())["pretrain_seconds"]
-            results.setdefault("pretrain_seconds", {}).setdefault(name, {})[str(fold)] = round(timing, 1)
-        bar.update(1)
-        for f in fractions:
-            for name, variant in spec.variants.items():
-                run_dir = fold_dir / f"f{f:g}" / name
-                record = run_dir / "run.json"
-
-                def evaluate_and_record(ckpt_dir, train_seconds):  # called within this iteration only
-                    # the budget's and the variant's overrides go to evaluation too (network sizes and
-                    # switches must match; ids that evaluate.json does not use are inert there)
-                    run_stage(bundle, "evaluate", logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run_dir),
-                              datalist_file=str(datalists[f]), **common, **{**overrides["train"], **variant.train})
-                    metrics = json.loads((run_dir / "metrics.json").read_text())
-                    n_lab = sum(c.get("labelled", True) for c in json.loads(datalists[f].read_text())["training"])
-                    atomic_write_json(run_record(metrics, variant=name, fraction=f, fold=fold, seed=seed,
-                                                 labelled_cases=n_lab, train_seconds=round(train_seconds, 1)), record)
-                if name not in selected:
-                    if record.is_file():  # finished by an earlier call: still part of the comparison
-                        results["runs"].append(json.loads(record.read_text()))
-                    continue
-                ckpt_dir = fold_dir / f"f{f:g}" / variant.continues[0] if variant.stage is None else run_dir
-                if record.is_file() and reevaluate:  # the trained model stays; only its evaluation is redone
-                    bar.set_postfix_str(f"fold {fold}, fraction {f:g}: re-evaluate {name}")
-                    evaluate_and_record(ckpt_dir, json.loads(record.read_text())["train_seconds"])
-                elif not record.is_file():
-                    bar.set_postfix_str(f"fold {fold}, fraction {f:g}: {name}")
-                    start = {"pretrained_ckpt": str(weights[variant.pretrain])} if variant.pretrain else {}
-                    before = 0.0
-                    if variant.continues:
-                        first, key = variant.continues
-                        first_run = json.loads((fold_dir / f"f{f:g}" / first / "run.json").read_text())
-                        start[key] = str(fold_dir / f"f{f:g}" / first / "model.pt")
-                        before = first_run["train_seconds"]
-                    t0 = time.perf_counter()
-                    if variant.stage is not None:  # None: evaluation only, of the continued variant's model
-                        run_stage(bundle, variant.stage, logging_file, ckpt_dir=str(run_dir),
-                                  datalist_file=str(datalists[f]), label_fraction=f, **common, **start,
-                                  **{**overrides["train"], **variant.train})
-                    evaluate_and_record(ckpt_dir, before + time.perf_counter() - t0)
-                results["runs"].append(json.loads(record.read_text()))
-                atomic_write_json(results, out_dir / "results.json")
-                bar.update(1)
-    bar.close()
-    report(results, spec.names, spec.reference)
-    # a resumed call that trains little must not report its own small footprint as the benchmark's
-    results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
+def write_reports(results: dict, out_dir: Path) -> None:
+    """``results.json``, ``results.md``, ``label_efficiency.png`` and, where the runs logged curves,
+    ``validation_curves.png`` and ``pretext_curves.png``."""
     atomic_write_json(results, out_dir / "results.json")
     atomic_write_text(results_markdown(results), out_dir / "results.md")
     plot_label_efficiency(results, out_dir / "label_efficiency.png")
-    return results
+    if any(r.get("val_curve") for r in results["runs"]):
+        plot_validation_curves(results, out_dir / "validation_curves.png")
+    if results.get("pretrain_curves"):
+        plot_pretext_curves(results, out_dir / "pretext_curves.png")
+
+
+def run_sweep(bundle: str, data_dir: str, name: str = "pretraining_length", budget: str = "converged",
+              out: str = "sweep_out", progress: bool = True, logging_file: str | bool | None = None) -> dict:
+    """The pretraining-length sweep of ``bundle`` (its spec's ``sweeps[name]``: ``variant``, ``fraction``,
+    ``fold``, ``steps`` (pretraining lengths; 0 = no pretraining, the ``baseline`` variant) and ``folds``):
+    on that one fold, the variant fine-tuned at that fraction from pretrainings of each length (each its
+    own run, the learning-rate schedule scaled to its length). Writes ``sweep.json`` and ``sweep.png``
+    (fine-tuned test Dice against pretraining steps) to ``out``; resumable like the benchmark."""
+    spec = load_spec(bundle)
+    sweep = spec.sweeps[name]
+    epoch_length = int(spec.budgets[budget]["pretrain"].get("epoch_length", 1))
+    lengths = [int(s) for s in sweep["steps"]]
+    pretrainings = {f"{sweep['variant']}_{s}": {**spec.pretrainings[spec.variants[sweep["variant"]].pretrain],
+                                                 "max_epochs": max(1, s // epoch_length)} for s in lengths if s}
+    spec_s = BenchmarkSpec(dataset=spec.dataset, regions=spec.regions, budgets=spec.budgets, layouts=spec.layouts,
+                           pretrainings={**spec.pretrainings, **pretrainings}, folds=spec.folds,
+                           variants={**{p: Variant(dict(spec.variants[sweep["variant"]].train), p) for p in pretrainings},
+                                     "baseline": spec.variants["baseline"]})
+    _, ctx, runs, out_dir, _ = _prepare(bundle, spec_s, data_dir, [float(sweep["fraction"])], sweep.get("folds"), 0,
+                                        budget, out, logging_file, None)
+    fold = int(sweep.get("fold", 0))
+    rows = []
+    for record in _execute_all([r for r in runs if r.fold == fold], ctx, budget, False, progress, out_dir):
+        steps = 0 if record["variant"] == "baseline" else int(record["variant"].rsplit("_", 1)[1])
+        rows.append({"pretrain_steps": steps, **record})
+    rows.sort(key=lambda r: r["pretrain_steps"])
+    result = {"bundle": bundle, "sweep": name, "budget": budget, "fold": fold,
+              "folds": ctx.results["folds"], "fraction": float(sweep["fraction"]), "variant": sweep["variant"],
+              "regions": ctx.results["regions"], "rows": rows}
+    atomic_write_json(result, out_dir / "sweep.json")
+    plot_sweep(result, out_dir / "sweep.png")
+    return result
 
 
 def report(results: dict, names: Sequence[str], reference: tuple[str, float] | None = None) -> dict:
@@ -449,11 +667,7 @@ def results_markdown(results: dict) -> str:
 def plot_label_efficiency(results: dict, path: Path) -> None:
     """Mean test Dice against label fraction, one line per variant, with the 95% bootstrap CI of the mean
     over cases as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     for name in dict.fromkeys(r["variant"] for r in results["summary"]):
         rows = sorted((r for r in results["summary"] if r["variant"] == name and r["mean_dice"] is not None),
@@ -472,6 +686,86 @@ def plot_label_efficiency(results: dict, path: Path) -> None:
                  f"{results['folds']} folds)", fontsize=9)
     ax.legend()
     ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def plot_validation_curves(results: dict, path: Path) -> None:
+    """Each run's validation mean Dice against training steps: one panel per label fraction, one colour per
+    variant, one line per fold, a dot at the step whose model was kept (the best validation)."""
+    plt = _pyplot()
+    fractions = results["fractions"]
+    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.4), dpi=110, squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in results["runs"]))}
+    for ax, f in zip(axes[0], fractions):
+        for r in results["runs"]:
+            pts = [p for p in r.get("val_curve", []) if p[1] is not None]
+            if r["fraction"] != f or not pts:
+                continue
+            x, y = zip(*pts)
+            ax.plot(x, y, color=colours[r["variant"]], alpha=0.7, lw=1,
+                    label=r["variant"] if r["fold"] == min(q["fold"] for q in results["runs"]) else None)
+            best = dict(pts).get(r.get("best_step"))
+            if best is not None:
+                ax.plot([r["best_step"]], [best], "o", color=colours[r["variant"]], ms=3)
+        ax.set_title(f"{f:g} of the labels", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation mean Dice")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{results['bundle']}: validation curves, one line per fold ({results['budget']} budget)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_pretext_curves(results: dict, path: Path) -> None:
+    """Each pretraining's pretext loss (and its other logged terms) against steps, one line per fold."""
+    plt = _pyplot()
+    curves = results["pretrain_curves"]
+    panels = [(name, key) for name, folds in curves.items()
+              for key in dict.fromkeys(k for c in folds.values() for k in c if k.endswith("_curve"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110, squeeze=False)
+    for ax, (name, key) in zip(axes[0], panels):
+        for fold, c in sorted(curves[name].items()):
+            if c.get(key):
+                x, y = zip(*c[key])
+                ax.plot(x, y, lw=1, label=f"fold {fold}")
+        ax.set_title(f"pretraining {name!r}: {key[:-len('_curve')]}", fontsize=9)
+        ax.set_xlabel("pretraining step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    """Fine-tuned test Dice against pretraining length: the mean over the fold's test cases with each case's
+    mean Dice as a dot."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    rows = result["rows"]
+    xs = list(range(len(rows)))
+    for x, r in zip(xs, rows):
+        per_case = [v for v in _region_values(r["cases"], "mean", result["regions"]).values() if v is not None]
+        ax.plot([x] * len(per_case), per_case, ".", color="grey", alpha=0.6)
+    ax.plot(xs, [r["mean_dice"] for r in rows], "o-", color="C0", label="mean over test cases")
+    ax.set_xticks(xs, [f"{r['pretrain_steps']:,}" for r in rows])
+    ax.set_xlabel("pretraining steps (0 = from scratch)")
+    ax.set_ylabel("fine-tuned test Dice")
+    ax.set_title(f"{result['bundle']}: {result['variant']} at {result['fraction']:g} of the labels, fold "
+                 f"{result['fold']} of {result['folds']}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)

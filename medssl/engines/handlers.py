@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 
+from monai.handlers import MetricLogger
+from monai.transforms import Randomizable
 from monai.utils import min_version, optional_import
 
 from ..utils import atomic_torch_save, atomic_write_json
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Checkpoint, _ = optional_import("ignite.handlers", "0.4.11", min_version, "Checkpoint")
+IgniteEarlyStopping, _ = optional_import("ignite.handlers", "0.4.11", min_version, "EarlyStopping")
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +33,46 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
 
 
+def _random_transforms(engine) -> list:
+    """The random transforms of the engine's data loader (each holds its own ``RandomState``)."""
+    loader = getattr(engine, "data_loader", None)
+    stack, found = [getattr(getattr(loader, "dataset", None), "transform", None)], []
+    while stack:
+        t = stack.pop(0)
+        if isinstance(t, Randomizable):
+            found.append(t)
+        stack.extend(getattr(t, "transforms", None) or [])
+    return found
+
+
+class RandomStates:
+    """The random number generators a training run draws from - torch's, numpy's and Python's global
+    ones and the ``RandomState`` of each random transform of ``engine``'s data loader - as a state dict,
+    so that a resumed run draws the same crops, flips and batch order as an uninterrupted one."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+                "transforms": [t.R.get_state() for t in _random_transforms(self.engine)]}
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+        transforms = _random_transforms(self.engine)
+        if len(transforms) == len(state["transforms"]):
+            for t, s in zip(transforms, state["transforms"]):
+                t.R.set_state(s)
+
+
 class ResumableCheckpoint:
     """Save ``save_dict`` atomically to ``save_dir/filename`` every ``save_interval`` epochs and at the end;
     when ``resume`` and that file exists at start, restore every object from it first. The engine it
-    is attached to is saved and restored too (as ``"trainer"``), so a resumed run continues at the
-    epoch where the last one stopped.
+    is attached to is saved and restored too (as ``"trainer"``), and so are the random number generators
+    (:class:`RandomStates`, as ``"random"``), so a resumed run continues at the epoch where the last one
+    stopped and draws what an uninterrupted run would have drawn.
 
     ``final_filename`` (optional) also receives the bare state dict of ``save_dict["network"]`` at
     completion, the model-zoo ``model.pt`` format.
@@ -49,6 +89,7 @@ class ResumableCheckpoint:
 
     def attach(self, engine) -> None:
         self.save_dict.setdefault("trainer", engine)
+        self.save_dict.setdefault("random", RandomStates(engine))
         engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.complete)
@@ -57,8 +98,11 @@ class ResumableCheckpoint:
         if not (self.resume and self.path.is_file()):
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        missing = [k for k in self.save_dict if k not in ckpt]
+        if missing:  # e.g. written before the random states and curves were saved: start those afresh
+            logger.warning("%s holds no %s; those start afresh", self.path, missing)
         max_epochs = engine.state.max_epochs  # this run's budget, not the interrupted run's
-        Checkpoint.load_objects(to_load=self.save_dict, checkpoint=ckpt)
+        Checkpoint.load_objects(to_load={k: v for k, v in self.save_dict.items() if k in ckpt}, checkpoint=ckpt)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
 
@@ -114,6 +158,107 @@ class BestModelSaver:
 
     def load_state_dict(self, state: dict) -> None:
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
+
+
+class EarlyStopping:
+    """Attach to a trainer: stop it when ``key_metric`` of its ``validator`` has not improved by more
+    than ``min_delta`` for ``patience`` validations (ignite's ``EarlyStopping``; pair it with
+    :class:`BestModelSaver`, which keeps the best model). Its counters are in :meth:`state_dict`, so a
+    :class:`ResumableCheckpoint` resumes them, and a run that has stopped stays stopped when run again.
+    ``patience=0`` never stops."""
+
+    def __init__(self, validator, patience: int, key_metric: str = "val_mean_dice", min_delta: float = 0.0):
+        self.validator = validator
+        self.patience = int(patience)
+        self.key_metric = key_metric
+        self.min_delta = float(min_delta)
+        self.stopped_epoch = 0
+        self._stopper = None
+
+    def attach(self, engine) -> None:
+        if self.patience <= 0:
+            return
+        self._stopper = IgniteEarlyStopping(self.patience, self._score, engine, self.min_delta)
+        self.validator.add_event_handler(Events.COMPLETED, self._check)
+        engine.add_event_handler(Events.STARTED, self._stay_stopped)
+
+    def _score(self, validator) -> float:
+        value = float(validator.state.metrics[self.key_metric])
+        return -math.inf if math.isnan(value) else value
+
+    def _check(self, validator) -> None:
+        self._stopper(validator)
+        if self._stopper.trainer.should_terminate and not self.stopped_epoch:
+            self.stopped_epoch = int(self._stopper.trainer.state.epoch)
+            logger.info("early stop at epoch %d: %s has not improved for %d validations", self.stopped_epoch,
+                        self.key_metric, self.patience)
+
+    def _stay_stopped(self, engine) -> None:
+        if self.stopped_epoch:
+            logger.info("stopped early at epoch %d before; not training further", self.stopped_epoch)
+            engine.terminate()
+
+    def state_dict(self) -> dict:
+        return {"stopper": dict(self._stopper.state_dict()) if self._stopper else {}, "stopped_epoch": self.stopped_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stopped_epoch = int(state.get("stopped_epoch", 0))
+        if self._stopper and state.get("stopper"):
+            self._stopper.load_state_dict(state["stopper"])
+
+
+class CurveLog(MetricLogger):
+    """MONAI's ``MetricLogger`` that also writes its curves to ``output_file`` (JSON, atomically) after every
+    epoch: ``{"loss": [[iteration, loss], ...], "metrics": {name: [[iteration, value], ...]}}`` - the training
+    loss of every iteration (``keys[0]`` of the engine's output), the other ``keys`` (e.g. the terms of a
+    pretext loss) under ``metrics`` as ``train_<key>``, and the validator's metrics at each validation. Put it
+    in a :class:`ResumableCheckpoint` so that a resumed run continues its curves."""
+
+    def __init__(self, output_file: str, evaluator=None, keys: Sequence[str] = ("loss",)):
+        self.keys = list(keys)
+        super().__init__(loss_transform=lambda output: _scalar(output, self.keys[0]), evaluator=evaluator)
+        self.output_file = output_file
+
+    def attach(self, engine) -> None:
+        super().attach(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def __call__(self, engine) -> None:
+        super().__call__(engine)
+        for key in self.keys[1:]:
+            self.metrics[f"train_{key}"].append((self.iteration, _scalar(engine.state.output, key)))
+
+    def write(self, engine=None) -> None:
+        def rows(values):
+            return [[int(i), None if v is None or not math.isfinite(float(v)) else round(float(v), 6)] for i, v in values]
+
+        atomic_write_json({"loss": rows(self.loss), "metrics": {k: rows(v) for k, v in self.metrics.items()}},
+                          self.output_file)
+
+
+def _scalar(output, key: str) -> float:
+    """``output[key]`` as a float, from an engine's output (a dict, or a list of decollated dicts)."""
+    value = (output[0] if isinstance(output, (list, tuple)) else output)[key]
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class StepSnapshots:
+    """Attach to a trainer: save the network's state dict atomically as ``save_dir/model_step{N}.pt`` after
+    iteration N for each N in ``steps`` - the candidates from which a training length is chosen by
+    validation afterwards (``medssl benchmark``'s step selection)."""
+
+    def __init__(self, save_dir: str, network: torch.nn.Module, steps: Sequence[int] = ()):
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.steps = {int(s) for s in steps}
+
+    def attach(self, engine) -> None:
+        if self.steps:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(event_filter=lambda e, i: i in self.steps), self)
+
+    def __call__(self, engine) -> None:
+        atomic_torch_save(_unwrap(self.network).state_dict(), self.save_dir / f"model_step{engine.state.iteration}.pt")
 
 
 class LoadCheckpoint:
