@@ -104,17 +104,35 @@ class CLI:
 
         Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
         sample first where it is absent."""
-        from .apps.benchmark import BENCHMARKS, run_benchmark
-        from .data import ensure_sample
-        from .utils import data_root
-
-        if data_dir is None:
-            if bundle not in BENCHMARKS:
-                raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
-            data_dir = str(ensure_sample(data_root(), BENCHMARKS[bundle].dataset))
-        run_benchmark(bundle, data_dir, fractions, folds=folds, seed=seed, budget=budget, out=out, variants=variants,
-                      reevaluate=reevaluate)
+        from .apps.benchmark import run_benchmark
+        run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds, seed=seed, budget=budget,
+                      out=out, variants=variants, reevaluate=reevaluate)
         print(Path(out, "results.md").read_text())
+
+    def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str | None = None,
+              budget: str = "converged", out: str = "sweep_out"):
+        """A sweep of the bundle's benchmark (bundles/BUNDLE/benchmark.json "sweeps"), e.g. the fine-tuned
+        Dice at one label fraction on one fold against the pretraining length (0 = from scratch).
+        Writes sweep.json and sweep.png to --out; resumable."""
+        from .apps.benchmark import run_sweep
+
+        result = run_sweep(bundle, _benchmark_data(bundle, data_dir), name, budget=budget, out=out)
+        for r in result["rows"]:
+            print(f"pretraining steps {r['pretrain_steps']:>6}: test mean Dice {r['mean_dice']:.3f} ({r['variant']})")
+
+
+def _benchmark_data(bundle: str, data_dir: str | None) -> str:
+    """``data_dir``, or else the bundle's benchmark data set under $MEDSSL_DATA_DIR (the public sample is
+    downloaded and prepared first where it is absent)."""
+    from .apps.benchmark import BENCHMARKS
+    from .data import ensure_sample
+    from .utils import data_root
+
+    if data_dir is not None:
+        return data_dir
+    if bundle not in BENCHMARKS:
+        raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
+    return str(ensure_sample(data_root(), BENCHMARKS[bundle].dataset))
 
 
 def _input_error(e: BaseException):

@@ -1,7 +1,9 @@
 import json
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from medssl.apps.benchmark import run_benchmark
@@ -101,7 +103,7 @@ def test_report_gives_paired_verdicts_on_synthetic_runs(tmp_path):
 def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
     data = brats_copy(6)
     out = tmp_path / "bench"
-    res = run_benchmark("context_restoration", str(data), out=str(out), **SMOKE)
+    run_benchmark("context_restoration", str(data), out=str(out), **SMOKE)
     saved = json.loads((out / "results.json").read_text())
     assert saved["bundle"] == "context_restoration" and saved["folds"] == 2 and saved["seed"] == 0
     assert saved["peak_rss_mb"] > 100
@@ -129,18 +131,42 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
         ("better", "worse", "no detectable difference")) for line in md.splitlines())
     assert "| mean HD95 | TC HD95 | WT HD95 | ET HD95 | train s |" in md
     assert (out / "label_efficiency.png").read_bytes()[:4] == b"\x89PNG"
+    # converged training: every run's curves are recorded and drawn; the smoke budget selects the training
+    # length (snapshots at steps 2 and 4) by the validation Dice pooled over both folds
+    assert {(s["fraction"], s["variant"]) for s in saved["selected_steps"]} == {(0.2, "method"), (0.2, "baseline")}
+    for s in saved["selected_steps"]:
+        runs = [r for r in saved["runs"] if r["variant"] == s["variant"]]
+        pooled = {step: np.mean([dict(r["val_curve"])[step] for r in runs]) for step in (2, 4)}
+        assert s["validation"] == {str(k): pytest.approx(v, abs=1e-4) for k, v in pooled.items()}
+        assert s["step"] == max(pooled, key=lambda k: (pooled[k], -k))
+        assert all(r["selected_step"] == s["step"] and r["checkpoint"].endswith(f"model_step{s['step']}.pt")
+                   for r in runs)
+    assert all(r["steps"] == 4 and len(r["loss_curve"]) >= 1 and len(r["val_curve"]) == 2 for r in saved["runs"])
+    assert set(saved["pretrain_curves"]["method"]) == {"0", "1"}
+    for png in ("validation_curves.png", "pretext_curves.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # reproducible: the same runs again, in a fresh folder, give the same Dice on every case
+    again_out = tmp_path / "again"
+    rerun = run_benchmark("context_restoration", str(data), out=str(again_out), variants="baseline", **SMOKE)
+    assert [r["cases"] for r in rerun["runs"]] == [r["cases"] for r in saved["runs"] if r["variant"] == "baseline"]
+    # an unfinished run (cut off mid-training) is trained again from its start, not resumed
+    cut = out / "fold1" / "f0.2" / "baseline"
+    (cut / "run.json").unlink()
+    (cut / "trained.json").unlink()
+    resumed = run_benchmark("context_restoration", str(data), out=str(out), variants="baseline", **SMOKE)
+    assert resumed["runs"][-1]["cases"] == saved["runs"][-1]["cases"]
     # finished runs are kept: a second call resumes without training again
     model = out / "fold1" / "f0.2" / "method" / "model.pt"
     metrics = model.with_name("metrics.json")
     stamps = metrics.stat().st_mtime_ns, model.stat().st_mtime_ns
     again = run_benchmark("context_restoration", str(data), out=str(out), **SMOKE)
-    assert again["runs"] == res["runs"] and metrics.stat().st_mtime_ns == stamps[0]
+    assert again["runs"] == resumed["runs"] and metrics.stat().st_mtime_ns == stamps[0]
     assert again["peak_rss_mb"] >= saved["peak_rss_mb"]  # not the resumed call's own smaller footprint
     # --reevaluate redoes only the evaluation: same trained model, same training time, fresh metrics file
     redone = run_benchmark("context_restoration", str(data), out=str(out), variants="method", reevaluate=True, **SMOKE)
     assert metrics.stat().st_mtime_ns > stamps[0] and model.stat().st_mtime_ns == stamps[1]
     assert [(r["variant"], r["train_seconds"]) for r in redone["runs"]] == [(r["variant"], r["train_seconds"])
-                                                                          for r in res["runs"]]
+                                                                          for r in resumed["runs"]]
     with pytest.raises(ValueError, match="folds=2, seed=0"):  # another cross-validation needs another --out
         run_benchmark("context_restoration", str(data), out=str(out), **dict(SMOKE, folds=3))
 
@@ -180,6 +206,56 @@ def test_variants_share_pretrainings_and_each_gets_a_row(tmp_path, brats_copy, m
     assert [c["variant"] for c in res["comparisons"] if c["region"] == "mean"] == ["method", "two_swaps"]
     md = (out / "results.md").read_text()
     assert "| 0.2 | two_swaps | mean |" in md and "| 0.2 | method | mean |" in md
+
+
+@pytest.mark.slow
+def test_pretraining_length_sweep(tmp_path, brats_copy, monkeypatch):
+    """The sweep fine-tunes the method from pretrainings of each length (0: the baseline) on one fold and
+    draws fine-tuned Dice against pretraining steps."""
+    from medssl.apps import benchmark as bm
+
+    spec = bm.load_spec("context_restoration")
+    spec.sweeps = {"length": {"variant": "method", "fraction": 0.2, "fold": 1, "folds": 2, "steps": [0, 2, 4]}}
+    monkeypatch.setattr(bm, "load_spec", lambda bundle: spec)
+    out = tmp_path / "sweep"
+    res = bm.run_sweep("context_restoration", str(brats_copy(6)), "length", budget="smoke", out=str(out),
+                       progress=False, logging_file=False)
+    assert [(r["pretrain_steps"], r["variant"], r["fold"]) for r in res["rows"]] == [
+        (0, "baseline", 1), (2, "method_2", 1), (4, "method_4", 1)]
+    assert json.loads((out / "fold1" / "pretrain_method_4" / "timing.json").read_text())["steps"] == 4
+    assert not (out / "fold0" / "pretrain_method_2").exists()  # one fold only
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "sweep.json").read_text())["rows"] == res["rows"]
+
+
+OTHER_BUNDLES = {"dfr_barlow": None, "slem": None, "semi_cml": None, "cluster_resupervision": None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", sorted(OTHER_BUNDLES))
+def test_every_bundle_runs_through_the_harness(bundle, tmp_path, brats_copy, nuclei_dir):
+    """The four other bundles' benchmarks (their own benchmark.json, all variants) through the same
+    harness at the smoke budget: 2 folds, every case tested once per variant, a paired comparison."""
+    from medssl.apps.benchmark import load_spec
+
+    spec = load_spec(bundle)
+    if spec.dataset == "brats18_2mm":
+        data = brats_copy(4)
+    else:  # a few real DSB images with their masks
+        data = tmp_path / "nuclei"
+        for sub in ("images", "labels"):
+            (data / sub).mkdir(parents=True)
+        for img in sorted((nuclei_dir / "images").iterdir())[:16]:
+            for sub in ("images", "labels"):
+                shutil.copy(nuclei_dir / sub / img.name, data / sub / img.name)
+    res = run_benchmark(bundle, str(data), out=str(tmp_path / "bench"), **dict(SMOKE, fractions="1.0"))
+    assert {r["variant"] for r in res["runs"]} == set(spec.names) and {r["fold"] for r in res["runs"]} == {0, 1}
+    for name in spec.names:
+        tested = sorted(c.split("/")[0] for r in res["runs"] if r["variant"] == name for c in r["cases"])
+        assert set(tested) == {p.name.split(".")[0] for p in (data.iterdir() if spec.dataset == "brats18_2mm"
+                                                              else (data / "images").iterdir())}
+    assert {c["variant"] for c in res["comparisons"]} == set(spec.names) - {"baseline"}
+    assert (tmp_path / "bench" / "results.md").is_file()
 
 
 def test_paired_bootstrap_verdicts():

@@ -653,6 +653,16 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {c['fraction']:g} | {c['variant']} | {c['region']} | {_fmt(c['mean'], '+.3f')} | "
                          f"[{_fmt(c['ci'][0], '+.3f')}, {_fmt(c['ci'][1], '+.3f')}] | {c['better']}/{c['worse']} | "
                          f"{c['verdict']} |")
+    if results.get("selected_steps"):
+        steps = sorted({int(k) for s in results["selected_steps"] for k in s["validation"]})
+        lines += ["", "Training length chosen on validation: the snapshot step whose validation mean Dice, averaged "
+                  "over the folds (each fold's validation cases, never its test cases), is best; every run of that "
+                  "(fraction, variant) is evaluated at it:", "",
+                  "| fraction | variant | chosen step | " + " | ".join(f"val @{s}" for s in steps) + " |",
+                  "|" + "---|" * (3 + len(steps))]
+        for s in results["selected_steps"]:
+            lines.append(f"| {s['fraction']:g} | {s['variant']} | {s['step']} | "
+                         + " | ".join(_fmt(s["validation"].get(str(k), s["validation"].get(k))) for k in steps) + " |")
     if results.get("ratio_to_reference"):
         ref = results["reference"]
         lines += ["", f"Dice as a fraction of `{ref['variant']}` at fraction {ref['fraction']:g} (same fold; "
