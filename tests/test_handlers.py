@@ -91,3 +91,40 @@ def test_random_states_restore_every_generator_and_each_transform():
 
 if __name__ == "__main__":
     pytest.main([__file__])
+
+
+def test_metrics_report_scores_empty_regions_as_the_brats_challenge(tmp_path):
+    """An empty region is scored, not skipped: Dice 1 / HD95 0 when truth and prediction are both empty,
+    Dice 0 / HD95 = the image diagonal when only one of them is (MONAI alone gives NaN or inf there)."""
+    from monai.handlers import HausdorffDistance, MeanDice, from_engine
+
+    from medssl.engines import MetricsReport
+
+    shape = (3, 12, 12, 8)
+    full = torch.zeros(shape)
+    full[:, 3:8, 3:8, 2:6] = 1
+
+    def case(truth_et: bool, pred_et: bool):
+        label, pred = full.clone(), full.clone()
+        label[2] *= float(truth_et)
+        pred[2] *= float(pred_et)
+        return {"pred": pred, "label": label}
+
+    cases = {"both": case(True, True), "none": case(False, False), "hallucinated": case(False, True),
+             "missed": case(True, False)}
+    engine = Engine(lambda e, batch: [dict(cases[batch[0]["case"]])])  # the decollated output of one case
+    engine.state.metric_details = {}
+    for name, metric in {"dice": MeanDice(include_background=True, save_details=True,
+                                          output_transform=from_engine(["pred", "label"])),
+                         "hd95": HausdorffDistance(include_background=True, percentile=95, save_details=True,
+                                                   output_transform=from_engine(["pred", "label"]))}.items():
+        metric.attach(engine, name)
+    MetricsReport(str(tmp_path / "m.json"), ["TC", "WT", "ET"]).attach(engine)
+    engine.run([[{"case": name}] for name in cases])
+    report = json.loads((tmp_path / "m.json").read_text())
+    rows = {r["case"]: r for r in report["per_case"]}
+    diagonal = round(float(np.sqrt(11 ** 2 + 11 ** 2 + 7 ** 2)), 6)
+    assert [rows[c]["dice"]["ET"] for c in cases] == [1.0, 1.0, 0.0, 0.0]
+    assert [rows[c]["hd95"]["ET"] for c in cases] == [0.0, 0.0, diagonal, diagonal]
+    assert all(rows[c]["dice"]["WT"] == 1.0 and rows[c]["hd95"]["WT"] == 0.0 for c in cases)
+    assert report["dice"]["ET"] == 0.5 and report["empty_regions"] == "BraTS convention for dice, hd95"

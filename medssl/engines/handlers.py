@@ -297,9 +297,15 @@ class EvaluationReport:
 
 class MetricsReport(EvaluationReport):
     """Attach to an evaluator: at completion write ``output_file`` (JSON, atomically) with, for each
-    metric whose handler ran with ``save_details=True``, the per-region means over cases
-    (NaN for cases where the region is empty in both label and prediction are skipped), the mean
-    over regions (``mean_<metric>``), and per-case values keyed by ``case_key``.
+    metric whose handler ran with ``save_details=True``, the per-region means over cases, the mean over
+    regions (``mean_<metric>``), and per-case values keyed by ``case_key``.
+
+    A region empty in the ground truth or in the prediction of a case is scored as the BraTS challenge
+    scores it (MONAI returns NaN or inf there, and a mean that skips them does not penalise a missed or a
+    hallucinated region): Dice 1 if both are empty, else 0 when the truth is empty; HD95 0 if both are
+    empty, the image diagonal in voxels (the worst possible distance) if exactly one is. This applies
+    where the output's channels are the metric's regions (or the background then the regions); the
+    report says so in ``empty_regions``.
     """
 
     def __init__(self, output_file: str, regions: Sequence[str], metrics: Sequence[str] = ("dice", "hd95"),
@@ -316,9 +322,11 @@ class MetricsReport(EvaluationReport):
         self.case_key = case_key
         self.extra = dict(extra or {})
         self.cases: list[str] = []
+        self.empty: list[tuple] = []  # per case: (truth empty per channel, prediction empty per channel, diagonal)
 
     def reset(self) -> None:
         self.cases.clear()
+        self.empty.clear()
 
     def _collect(self, engine) -> None:
         batch = engine.state.batch
@@ -326,15 +334,42 @@ class MetricsReport(EvaluationReport):
         for item in items:
             name = item.get(self.case_key, "?")
             self.cases.extend(name if isinstance(name, (list, tuple)) else [name])
+        outputs = engine.state.output if isinstance(engine.state.output, list) else []
+        for out in outputs:
+            if isinstance(out, dict) and "pred" in out and "label" in out:
+                pred, label = torch.as_tensor(out["pred"]).detach(), torch.as_tensor(out["label"]).detach()
+                dims = tuple(range(1, label.ndim))
+                diagonal = float(torch.tensor([s - 1.0 for s in label.shape[1:]]).norm())
+                self.empty.append(((label > 0).sum(dims) == 0, (pred > 0).sum(dims) == 0, diagonal))
+
+    def _score_empty(self, metric: str, values: torch.Tensor) -> bool:
+        """Apply the challenge's convention to ``values`` (cases x regions) in place; False where the
+        output's channels cannot be matched to the regions."""
+        if metric not in ("dice", "hd95") or len(self.empty) != values.shape[0]:
+            return False
+        n = values.shape[1]
+        for row, (truth, pred, diagonal) in zip(values, self.empty):
+            if len(truth) not in (n, n + 1):
+                return False
+            truth, pred = truth[len(truth) - n:], pred[len(pred) - n:]  # the regions: the last n channels
+            both, one = truth & pred, truth ^ pred
+            if metric == "dice":
+                row[both], row[truth & ~pred] = 1.0, 0.0
+            else:
+                row[both], row[one] = 0.0, diagonal
+        return True
 
     def __call__(self, engine) -> None:
         report: dict = {"num_cases": 0}
+        scored = []
         for metric in self.metrics:
             details = engine.state.metric_details.get(metric)
             if details is None:
                 continue
             regions = self.metric_regions.get(metric, self.regions)
-            values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, len(regions))
+            values = torch.as_tensor(details, dtype=torch.float64).reshape(-1, len(regions)).clone()
+            if self._score_empty(metric, values):
+                scored.append(metric)
             values[torch.isinf(values)] = torch.nan
             per_region = values.nanmean(0)
             report["num_cases"] = int(values.shape[0])
@@ -346,6 +381,7 @@ class MetricsReport(EvaluationReport):
         for metric in self.aggregate:
             if metric in engine.state.metrics:
                 report[metric] = _num(engine.state.metrics[metric])
+        report["empty_regions"] = ("BraTS convention for " + ", ".join(scored)) if scored else "skipped (NaN)"
         report.update(self.extra)
         atomic_write_json(report, self.output_file)
         logger.info("metrics: %s -> %s", {k: v for k, v in report.items() if k.startswith("mean_")}, self.output_file)
