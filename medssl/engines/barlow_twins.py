@@ -15,7 +15,7 @@ from torch import nn
 from monai.engines.utils import IterationEvents
 
 from ..networks.heads import EncoderHead
-from .iteration import optimise
+from .iteration import autocast, optimise
 
 
 class BarlowTwinsNet(EncoderHead):
@@ -51,7 +51,8 @@ class BarlowTwinsIteration:
         out = engine.state.output = {}
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        out["pred"], out["label"] = engine.network(v1), engine.network(v2)
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        out["loss"] = engine.loss_function(out["pred"], out["label"])
+        with autocast(engine):
+            out["pred"], out["label"] = engine.network(v1), engine.network(v2)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            out["loss"] = engine.loss_function(out["pred"], out["label"])
         return optimise(engine, out)

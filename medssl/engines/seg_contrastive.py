@@ -10,7 +10,7 @@ from torch import nn
 from monai.engines.utils import IterationEvents
 
 from .handlers import _unwrap
-from .iteration import optimise
+from .iteration import autocast, optimise
 
 
 class SegContrastiveIteration:
@@ -34,10 +34,11 @@ class SegContrastiveIteration:
         out = engine.state.output = {"image": image, "label": label}
         net.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        logits, embedding = features(image)
-        out["pred"] = logits
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        seg = engine.loss_function(logits, label)
-        aux = self.embedding_loss(embedding, label) if self.weight else torch.zeros((), device=device)
-        out.update(loss=seg + self.weight * aux, seg_loss=seg, embedding_loss=aux)
+        with autocast(engine):
+            logits, embedding = features(image)
+            out["pred"] = logits
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            seg = engine.loss_function(logits, label)
+            aux = self.embedding_loss(embedding, label) if self.weight else torch.zeros((), device=device)
+            out.update(loss=seg + self.weight * aux, seg_loss=seg, embedding_loss=aux)
         return optimise(engine, out)

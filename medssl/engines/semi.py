@@ -35,7 +35,7 @@ from torch import nn
 from monai.engines.utils import IterationEvents
 
 from .handlers import _unwrap
-from .iteration import optimise
+from .iteration import autocast, optimise
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ class TwoStreamIteration:
         for name in self.optimizers:
             nets[name].train()
             self.optimizers[name].zero_grad(set_to_none=True)
-        out.update(self.losses(engine, nets, labelled, label, unlabelled))
+        with autocast(engine):
+            out.update(self.losses(engine, nets, labelled, label, unlabelled))
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         result = optimise(engine, out, list(self.optimizers.values()))
         self.after_step(engine, nets)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from monai.engines.utils import IterationEvents
 
 from .handlers import EvaluationReport, _unwrap
-from .iteration import optimise
+from .iteration import autocast, optimise
 from .semi import sigmoid_rampup
 
 # the bundle's `method` choices (train, evaluate and inference check against this one list):
@@ -68,23 +68,24 @@ class ClusterReSupervisionIteration:
         net.train()
         engine.optimizer.zero_grad(set_to_none=True)
         out = engine.state.output = {"image": image, "class": label}
-        heads = model.outputs(image)
-        out["pred"] = heads["seg"]
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        zero = torch.zeros((), device=device)
-        cls = F.binary_cross_entropy_with_logits(heads["cls"], label)
-        resup = zero
-        since = engine.state.iteration - self.start_iteration
-        if self.resupervision_weight and since >= 0:
-            w = sigmoid_rampup(since, self.rampup_iterations) * self.resupervision_weight
-            resup = w * self.resupervision(heads["seg"], heads["features"], heads["cam"], label, image[:, 0] != 0)
-        rec = zero
-        if self.reconstruction_weight:
-            masked = batchdata[self.masked_key].to(device).clone()
-            masked[:, self.target_channel] = 0
-            target = image[:, self.target_channel : self.target_channel + 1]
-            rec = self.reconstruction_weight * F.mse_loss(model.reconstruct(masked), target)
-        out.update(loss=cls + resup + rec, classification_loss=cls, resupervision_loss=resup, reconstruction_loss=rec)
+        with autocast(engine):
+            heads = model.outputs(image)
+            out["pred"] = heads["seg"]
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            zero = torch.zeros((), device=device)
+            cls = F.binary_cross_entropy_with_logits(heads["cls"], label)
+            resup = zero
+            since = engine.state.iteration - self.start_iteration
+            if self.resupervision_weight and since >= 0:
+                w = sigmoid_rampup(since, self.rampup_iterations) * self.resupervision_weight
+                resup = w * self.resupervision(heads["seg"], heads["features"], heads["cam"], label, image[:, 0] != 0)
+            rec = zero
+            if self.reconstruction_weight:
+                masked = batchdata[self.masked_key].to(device).clone()
+                masked[:, self.target_channel] = 0
+                target = image[:, self.target_channel : self.target_channel + 1]
+                rec = self.reconstruction_weight * F.mse_loss(model.reconstruct(masked), target)
+            out.update(loss=cls + resup + rec, classification_loss=cls, resupervision_loss=resup, reconstruction_loss=rec)
         return optimise(engine, out)
 
 
