@@ -128,3 +128,24 @@ def test_metrics_report_scores_empty_regions_as_the_brats_challenge(tmp_path):
     assert [rows[c]["hd95"]["ET"] for c in cases] == [0.0, 0.0, diagonal, diagonal]
     assert all(rows[c]["dice"]["WT"] == 1.0 and rows[c]["hd95"]["WT"] == 0.0 for c in cases)
     assert report["dice"]["ET"] == 0.5 and report["empty_regions"] == "BraTS convention for dice, hd95"
+
+
+def test_pretext_terms_for_the_curves():
+    """Barlow Twins' two logged terms add up to MONAI's loss (on + lambda * off) and the redundancy term is
+    lower for decorrelated features; the block-mix classifier's accuracy counts argmax hits."""
+    from monai.losses import BarlowTwinsLoss
+
+    from medssl.engines import classification_accuracy
+    from medssl.engines.barlow_twins import barlow_terms
+
+    g = torch.Generator().manual_seed(0)
+    z1 = torch.randn(64, 8, generator=g)
+    z2 = z1 + 0.1 * torch.randn(64, 8, generator=g)
+    on, off = barlow_terms(z1, z2)
+    assert float(on + 0.005 * off) == pytest.approx(float(BarlowTwinsLoss(lambd=0.005)(z1, z2)), rel=1e-5)
+    redundant = z1[:, :1].repeat(1, 8) + 0.1 * torch.randn(64, 8, generator=g)
+    assert barlow_terms(redundant, redundant)[1] > 10 * off
+    output = [{"pred": torch.tensor([0.1, 2.0, -1.0]), "label": torch.tensor(1)},
+              {"pred": torch.tensor([3.0, 0.0, 0.0]), "label": torch.tensor(2)}]
+    assert classification_accuracy(output) == 0.5
+    assert classification_accuracy({"pred": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "label": torch.tensor([1, 0])}) == 1.0

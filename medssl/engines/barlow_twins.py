@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from monai.engines.utils import IterationEvents
@@ -26,6 +27,20 @@ class BarlowTwinsNet(EncoderHead):
 
     def __init__(self, backbone: nn.Module, in_features: int, projector_dims: Sequence[int] = (512, 512)):
         super().__init__(backbone, in_features, projector_dims)
+
+
+def barlow_terms(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two terms of the Barlow Twins loss (Zbontar et al. 2021) for projections ``z1``, ``z2`` (N, D),
+    normalised over the batch as MONAI's ``BarlowTwinsLoss`` does: the invariance term sum_i (1 - C_ii)^2 and
+    the redundancy term sum_{i != j} C_ij^2 (before its weight lambda), C the cross-correlation matrix. For
+    the pretext curves (no gradient): both fall when the pretext is learnt."""
+    with torch.no_grad():
+        z1, z2 = z1.float(), z2.float()
+        n1 = (z1 - z1.mean(0)) / z1.std(0).add(1e-6)
+        n2 = (z2 - z2.mean(0)) / z2.std(0).add(1e-6)
+        c = n1.T @ n2 / z1.shape[0]
+        diag = torch.diagonal(c)
+        return ((1 - diag) ** 2).sum(), (c ** 2).sum() - (diag ** 2).sum()
 
 
 class BarlowTwinsIteration:
@@ -55,4 +70,5 @@ class BarlowTwinsIteration:
             out["pred"], out["label"] = engine.network(v1), engine.network(v2)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             out["loss"] = engine.loss_function(out["pred"], out["label"])
+        out["on_diagonal"], out["off_diagonal"] = barlow_terms(out["pred"], out["label"])
         return optimise(engine, out)

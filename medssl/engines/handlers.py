@@ -211,11 +211,13 @@ class CurveLog(MetricLogger):
     """MONAI's ``MetricLogger`` that also writes its curves to ``output_file`` (JSON, atomically) after every
     epoch: ``{"loss": [[iteration, loss], ...], "metrics": {name: [[iteration, value], ...]}}`` - the training
     loss of every iteration (``keys[0]`` of the engine's output), the other ``keys`` (e.g. the terms of a
-    pretext loss) under ``metrics`` as ``train_<key>``, and the validator's metrics at each validation. Put it
-    in a :class:`ResumableCheckpoint` so that a resumed run continues its curves."""
+    pretext loss) and each of ``terms`` (name -> function of the engine's output, e.g.
+    :func:`classification_accuracy`) under ``metrics`` as ``train_<name>``, and the validator's metrics at
+    each validation. Put it in a :class:`ResumableCheckpoint` so that a resumed run continues its curves."""
 
-    def __init__(self, output_file: str, evaluator=None, keys: Sequence[str] = ("loss",)):
+    def __init__(self, output_file: str, evaluator=None, keys: Sequence[str] = ("loss",), terms: Mapping | None = None):
         self.keys = list(keys)
+        self.terms = dict(terms or {})
         super().__init__(loss_transform=lambda output: _scalar(output, self.keys[0]), evaluator=evaluator)
         self.output_file = output_file
 
@@ -228,6 +230,8 @@ class CurveLog(MetricLogger):
         super().__call__(engine)
         for key in self.keys[1:]:
             self.metrics[f"train_{key}"].append((self.iteration, _scalar(engine.state.output, key)))
+        for name, term in self.terms.items():
+            self.metrics[f"train_{name}"].append((self.iteration, float(term(engine.state.output))))
 
     def write(self, engine=None) -> None:
         def rows(values):
@@ -235,6 +239,16 @@ class CurveLog(MetricLogger):
 
         atomic_write_json({"loss": rows(self.loss), "metrics": {k: rows(v) for k, v in self.metrics.items()}},
                           self.output_file)
+
+
+def classification_accuracy(output) -> float:
+    """The fraction of the samples in an engine's output (decollated dicts or one batch dict) whose
+    ``pred`` logits' argmax is their class ``label`` - a pretext classifier's accuracy for :class:`CurveLog`."""
+    items = output if isinstance(output, (list, tuple)) else [output]
+    pred = torch.stack([torch.as_tensor(i["pred"]).detach().reshape(-1, torch.as_tensor(i["pred"]).shape[-1])
+                        for i in items]).reshape(-1, torch.as_tensor(items[0]["pred"]).shape[-1])
+    label = torch.cat([torch.as_tensor(i["label"]).detach().reshape(-1) for i in items])
+    return float((pred.argmax(-1) == label.to(pred.device)).float().mean())
 
 
 def _scalar(output, key: str) -> float:
