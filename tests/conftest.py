@@ -40,6 +40,22 @@ def brats_copy(tmp_path, brats_dir):
     return make
 
 
+@pytest.fixture
+def nuclei_copy(tmp_path, nuclei_dir):
+    """A writable copy of the first ``n`` real DSB images with their masks (``nuclei_copy(n) -> dir``)."""
+
+    def make(n: int = 3) -> Path:
+        root = tmp_path / "nuclei"
+        for sub in ("images", "labels"):
+            (root / sub).mkdir(parents=True)
+        for p in sorted((nuclei_dir / "images").glob("*.png"))[:n]:
+            for sub in ("images", "labels"):
+                shutil.copy(nuclei_dir / sub / p.name, root / sub / p.name)
+        return root
+
+    return make
+
+
 def monai_run(configs: Path, stage: str, *args, check: bool = True):
     """``python -m monai.bundle run --config_file "['configs/train.json','configs/<stage>.json']" ARGS`` run
     from the bundle folder, as the model zoo documents it (overlay stages layered over train.json as

@@ -2,8 +2,6 @@
 its forward pass runs under autocast (CPU autocast, bfloat16, shows it here); with ``amp`` false it does
 not. Each stage is built from the bundle's own layered configs and trained for one step on real data."""
 
-import shutil
-
 import pytest
 import torch
 from ignite.engine import Events
@@ -35,16 +33,8 @@ def _trainer(bundle, stage, data_dir, ckpt_dir, amp):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle, stage", STAGES)
-def test_custom_iterations_run_their_forward_pass_under_autocast(bundle, stage, brats_copy, nuclei_dir, tmp_path):
-    if bundle == "dfr_barlow":
-        data = tmp_path / "nuclei"
-        for sub in ("images", "labels"):
-            (data / sub).mkdir(parents=True)
-        for img in sorted((nuclei_dir / "images").iterdir())[:12]:
-            for sub in ("images", "labels"):
-                shutil.copy(nuclei_dir / sub / img.name, data / sub / img.name)
-    else:
-        data = brats_copy(4)
+def test_custom_iterations_run_their_forward_pass_under_autocast(bundle, stage, brats_copy, nuclei_copy, tmp_path):
+    data = nuclei_copy(12) if bundle == "dfr_barlow" else brats_copy(4)
     seen = {}
     for amp in (True, False):
         trainer = _trainer(bundle, stage, data, tmp_path / f"ckpt_{amp}", amp)

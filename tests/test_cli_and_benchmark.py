@@ -1,5 +1,4 @@
 import json
-import shutil
 import subprocess
 import sys
 
@@ -233,21 +232,13 @@ OTHER_BUNDLES = {"dfr_barlow": None, "slem": None, "semi_cml": None, "cluster_re
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bundle", sorted(OTHER_BUNDLES))
-def test_every_bundle_runs_through_the_harness(bundle, tmp_path, brats_copy, nuclei_dir):
+def test_every_bundle_runs_through_the_harness(bundle, tmp_path, brats_copy, nuclei_copy):
     """The four other bundles' benchmarks (their own benchmark.json, all variants) through the same
     harness at the smoke budget: 2 folds, every case tested once per variant, a paired comparison."""
     from medssl.apps.benchmark import load_spec
 
     spec = load_spec(bundle)
-    if spec.dataset == "brats18_2mm":
-        data = brats_copy(4)
-    else:  # a few real DSB images with their masks
-        data = tmp_path / "nuclei"
-        for sub in ("images", "labels"):
-            (data / sub).mkdir(parents=True)
-        for img in sorted((nuclei_dir / "images").iterdir())[:16]:
-            for sub in ("images", "labels"):
-                shutil.copy(nuclei_dir / sub / img.name, data / sub / img.name)
+    data = brats_copy(4) if spec.dataset == "brats18_2mm" else nuclei_copy(16)
     res = run_benchmark(bundle, str(data), out=str(tmp_path / "bench"), **dict(SMOKE, fractions="1.0"))
     assert {r["variant"] for r in res["runs"]} == set(spec.names) and {r["fold"] for r in res["runs"]} == {0, 1}
     for name in spec.names:

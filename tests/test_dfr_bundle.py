@@ -75,18 +75,8 @@ def test_barlow_twins_with_batch_size_one_stops_before_training(runs, tmp_path):
     assert not (tmp_path / "pre").exists()
 
 
-def _copy(nuclei_dir, tmp_path, n=3):
-    root = tmp_path / "nuclei"
-    (root / "images").mkdir(parents=True)
-    (root / "labels").mkdir()
-    for p in sorted((nuclei_dir / "images").glob("*.png"))[:n]:
-        for sub in ("images", "labels"):
-            (root / sub / p.name).write_bytes((nuclei_dir / sub / p.name).read_bytes())
-    return root
-
-
-def test_label_of_another_size_is_refused(nuclei_dir, tmp_path):
-    root = _copy(nuclei_dir, tmp_path)
+def test_label_of_another_size_is_refused(nuclei_copy):
+    root = nuclei_copy()
     lab = sorted((root / "labels").glob("*.png"))[1]
     im = Image.open(lab)
     im.resize((im.size[0] // 2, im.size[1])).save(lab)
@@ -95,8 +85,8 @@ def test_label_of_another_size_is_refused(nuclei_dir, tmp_path):
     assert f"{lab}: size" in str(e.value) and "expected the same height and width" in str(e.value)
 
 
-def test_label_with_several_channels_is_refused(nuclei_dir, tmp_path):
-    root = _copy(nuclei_dir, tmp_path)
+def test_label_with_several_channels_is_refused(nuclei_copy):
+    root = nuclei_copy()
     lab = sorted((root / "labels").glob("*.png"))[0]
     arr = (np.asarray(Image.open(lab)) > 0).astype(np.uint8) * 255
     Image.fromarray(np.stack([arr] * 3, -1)).save(lab)
