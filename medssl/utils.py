@@ -14,8 +14,9 @@ import torch
 def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file next to ``path``, then rename it onto ``path``.
 
-    The rename is atomic on POSIX, so readers see either the old file or the complete new one,
-    never a partial write (an interrupted run leaves only a stray temp file behind).
+    The file is flushed to disk (fsync) before the rename, which is atomic on POSIX, so readers see
+    either the old file or the complete new one, never a partial write (an interrupted run leaves only a
+    stray ``.<name>.*.tmp`` behind, which :func:`remove_stale_temporaries` clears).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -24,11 +25,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, names=None) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` when a process was killed while
+    writing (``.<name>.<random>.tmp``; only those of ``names`` when given); returns what was removed.
+    Call it when a run starts, before anything writes there."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()
+             and (names is None or any(p.name.startswith(f".{n}.") for n in names))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:

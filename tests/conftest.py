@@ -207,4 +207,18 @@ def damage_truncate(root):
     return f, "truncated or corrupt"
 
 
-DAMAGES = [damage_missing_t1ce, damage_shape, damage_spacing, damage_label, damage_truncate]
+def damage_nan(root):
+    import numpy as np
+
+    f = case_file(root, "t1ce", 1)
+
+    def edit(a, aff):
+        a = a.astype("float32")
+        a[a.shape[0] // 2, a.shape[1] // 2, : a.shape[2] // 2] = np.nan
+        return a, aff
+
+    _rewrite(f, edit)
+    return f, "non-finite voxel(s) (NaN or Inf); expected finite intensities"
+
+
+DAMAGES = [damage_missing_t1ce, damage_shape, damage_spacing, damage_label, damage_truncate, damage_nan]

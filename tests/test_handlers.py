@@ -149,3 +149,34 @@ def test_pretext_terms_for_the_curves():
               {"pred": torch.tensor([3.0, 0.0, 0.0]), "label": torch.tensor(2)}]
     assert classification_accuracy(output) == 0.5
     assert classification_accuracy({"pred": torch.tensor([[0.0, 1.0], [1.0, 0.0]]), "label": torch.tensor([1, 0])}) == 1.0
+
+
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(tmp_path):
+    from medssl.engines import NonFiniteLossError, ResumableCheckpoint, StopOnNonFiniteLoss
+
+    losses = iter([1.0, 0.5, float("nan"), 0.2])
+    trainer = Engine(lambda e, b: {"loss": next(losses)})
+    net = torch.nn.Linear(2, 2)
+    ResumableCheckpoint(str(tmp_path), {"network": net}, save_interval=1).attach(trainer)
+    StopOnNonFiniteLoss().attach(trainer)
+    with pytest.raises(NonFiniteLossError, match="became nan at iteration 3 \\(epoch 2\\)"):
+        trainer.run([0, 1], max_epochs=2)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["trainer"]["iteration"] == 2  # the last save is the healthy first epoch's
+
+
+def test_a_starting_run_removes_the_temporaries_of_a_killed_write(tmp_path):
+    from medssl.engines import ResumableCheckpoint
+    from medssl.utils import atomic_write_text
+
+    stale = tmp_path / ".train_checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"")  # what a kill during torch.save leaves behind
+    keep = tmp_path / "notes.tmp"
+    keep.write_text("not ours")
+    trainer = Engine(lambda e, b: {"loss": 1.0})
+    ResumableCheckpoint(str(tmp_path), {"network": torch.nn.Linear(1, 1)}, filename="train_checkpoint.pt").attach(trainer)
+    trainer.run([0], max_epochs=1)
+    assert not stale.exists() and keep.exists()
+    assert (tmp_path / "train_checkpoint.pt").is_file() and not list(tmp_path.glob(".*.tmp"))
+    atomic_write_text("x", tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_text() == "x" and not list(tmp_path.glob(".*.tmp"))

@@ -68,6 +68,9 @@ def check_brats_case(case: dict, modalities: Sequence[str] = BRATS_MODALITIES,
         return problems
     ref_path, ref_arr, ref_aff = ref
     for name, (path, arr, aff) in loaded.items():
+        bad = int(np.count_nonzero(~np.isfinite(arr))) if np.issubdtype(arr.dtype, np.floating) else 0
+        if bad:
+            problems.append(f"{path}: {bad} non-finite voxel(s) (NaN or Inf); expected finite intensities")
         if arr.ndim != 3:
             problems.append(f"{path}: expected a 3D volume, found shape {tuple(arr.shape)}")
         elif arr.shape != ref_arr.shape:

@@ -5,8 +5,8 @@ from .seg_contrastive import SegContrastiveIteration
 from .semi import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLabelIteration, SemiCMLIteration,
                    sigmoid_rampup)
 from .weak import WEAK_METHODS, ClusterReSupervisionIteration, WeakSegReport, weak_or_supervised
-from .handlers import (BestModelSaver, classification_accuracy, CurveLog, EarlyStopping, LoadCheckpoint, MetricsReport, RandomStates,
-                       ResumableCheckpoint, StepSnapshots)
+from .handlers import (BestModelSaver, classification_accuracy, CurveLog, EarlyStopping, LoadCheckpoint, MetricsReport, NonFiniteLossError,
+                       RandomStates, ResumableCheckpoint, StepSnapshots, StopOnNonFiniteLoss)
 
 __all__ = ["WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "weak_or_supervised", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
-           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "RandomStates", "StepSnapshots", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]
+           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "RandomStates", "StepSnapshots", "NonFiniteLossError", "StopOnNonFiniteLoss", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

@@ -20,7 +20,7 @@ from monai.handlers import MetricLogger
 from monai.transforms import Randomizable
 from monai.utils import min_version, optional_import
 
-from ..utils import atomic_torch_save, atomic_write_json
+from ..utils import atomic_torch_save, atomic_write_json, remove_stale_temporaries
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Checkpoint, _ = optional_import("ignite.handlers", "0.4.11", min_version, "Checkpoint")
@@ -95,6 +95,8 @@ class ResumableCheckpoint:
         engine.add_event_handler(Events.COMPLETED, self.complete)
 
     def load(self, engine) -> None:
+        for stale in remove_stale_temporaries(self.save_dir):  # left by a run killed while writing
+            logger.info("removed %s, a temporary file of an interrupted write", stale)
         if not (self.resume and self.path.is_file()):
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
@@ -255,6 +257,26 @@ def _scalar(output, key: str) -> float:
     """``output[key]`` as a float, from an engine's output (a dict, or a list of decollated dicts)."""
     value = (output[0] if isinstance(output, (list, tuple)) else output)[key]
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss:
+    """Attach to a trainer: stop the run with :class:`NonFiniteLossError` (a non-zero exit) at the first
+    iteration whose loss is NaN or infinite, before the epoch's checkpoint, validation or best-model save
+    can keep the broken state (ignite's ``TerminateOnNan`` ends the run as a success instead)."""
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine) -> None:
+        loss = _scalar(engine.state.output, "loss")
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"the training loss became {loss} at iteration {engine.state.iteration} (epoch "
+                                     f"{engine.state.epoch}); stopped without saving this epoch. Expected a finite "
+                                     f"loss: lower the learning rate or check the input intensities")
 
 
 class StepSnapshots:
