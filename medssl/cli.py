@@ -138,11 +138,11 @@ def _benchmark_data(bundle: str, data_dir: str | None) -> str:
 def _input_error(e: BaseException):
     """The medssl bad-input error behind MONAI's 'Failed to evaluate' wrappers, if any."""
     from .data import DataError
-    from .engines import NonFiniteLossError
+    from .engines import NonFiniteLossError, SettingsMismatchError
     from .networks import CheckpointMismatchError
 
     while e is not None:
-        if isinstance(e, (DataError, CheckpointMismatchError, NonFiniteLossError)):
+        if isinstance(e, (DataError, CheckpointMismatchError, NonFiniteLossError, SettingsMismatchError)):
             return e
         e = e.__cause__ or e.__context__
     return None

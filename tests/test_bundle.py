@@ -66,6 +66,35 @@ def test_train_saves_best_model_and_resumes(runs):
     assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 6
 
 
+def test_resume_with_other_settings_is_refused_naming_them(runs, tmp_path):
+    """Re-running into a checkpoint folder with other settings trains nothing and says which differ;
+    ``--resume false`` trains afresh over it."""
+    import shutil
+
+    ft = tmp_path / "ft"
+    shutil.copytree(runs["train"], ft)
+    before = torch.load(ft / "train_checkpoint.pt", weights_only=False)
+    r = monai_run("train", "--max_epochs", 9, "--epoch_length", 2, "--val_interval", 1, "--ckpt_dir", ft,
+                  "--init", "baseline", "--label_fraction", 0.1, "--seed", 1, check=False)
+    assert r.returncode != 0
+    err = r.stderr
+    assert f"{ft / 'train_checkpoint.pt'}: holds a run with other settings" in err
+    for said in ("init: 'method' there, 'baseline' now", "label_fraction: 0.2 there, 0.1 now", "seed: 0 there, 1 now",
+                 "datalist: "):
+        assert said in err, said
+    assert "Epoch[1] Complete" not in r.stdout + err
+    after = torch.load(ft / "train_checkpoint.pt", weights_only=False)
+    assert after["trainer"] == before["trainer"] and after["settings"] == before["settings"]
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "run", "context_restoration", "train", "--ckpt_dir", str(ft),
+                        "--init", "baseline", "--seed", "1"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "medssl run context_restoration train: SettingsMismatchError")
+    monai_run("train", "--max_epochs", 1, "--epoch_length", 2, "--val_interval", 1, "--ckpt_dir", ft,
+              "--init", "baseline", "--label_fraction", 0.1, "--seed", 1, "--resume", False)
+    fresh = torch.load(ft / "train_checkpoint.pt", weights_only=False)
+    assert fresh["trainer"]["iteration"] == 2 and fresh["settings"]["init"] == "baseline"
+
+
 def test_evaluate_writes_dice_and_hd95_per_region(runs):
     m = json.loads((runs["eval"] / "metrics.json").read_text())
     assert m["num_cases"] == 4 and len(m["per_case"]) == 4

@@ -168,6 +168,21 @@ def unlabelled(datalist: dict) -> list[dict]:
     return [c for c in datalist["training"] if not c.get("labelled", True)]
 
 
+def datalist_digest(datalist: dict) -> str:
+    """A short digest of which cases a datalist puts in which split and which training cases are labelled
+    (by case name, so a moved data folder keeps it): the datalist part of a run's resume settings."""
+    import hashlib
+    import json
+
+    def name(c):
+        image = c["image"][0] if isinstance(c["image"], (list, tuple)) else c["image"]
+        return f"{c.get('case') or Path(str(image)).name}/{c.get('slice', '')}"
+
+    parts = {k: sorted([name(c), bool(c.get("labelled", True))] for c in v)
+             for k, v in datalist.items() if isinstance(v, list) and v and isinstance(v[0], dict) and "image" in v[0]}
+    return hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def all_training(datalist: dict) -> list[dict]:
     """Every training case, labels dropped (what self-supervised pretraining may see)."""
     return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"]]

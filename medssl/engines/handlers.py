@@ -67,6 +67,25 @@ class RandomStates:
                 t.R.set_state(s)
 
 
+class SettingsMismatchError(ValueError):
+    """A checkpoint folder holds a run trained with other settings than the run asked to resume it."""
+
+
+def settings_digest(value) -> str:
+    """A short stable digest of a JSON-able value (e.g. a datalist) for :class:`ResumableCheckpoint`'s
+    ``settings``: two runs on other cases or other labelled subsets differ in it."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _comparable(value):
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
 class ResumableCheckpoint:
     """Save ``save_dict`` atomically to ``save_dir/filename`` every ``save_interval`` epochs and at the end;
     when ``resume`` and that file exists at start, restore every object from it first. The engine it
@@ -76,10 +95,16 @@ class ResumableCheckpoint:
 
     ``final_filename`` (optional) also receives the bare state dict of ``save_dict["network"]`` at
     completion, the model-zoo ``model.pt`` format.
+
+    ``settings`` (the run's defining settings: seed, label fraction, initialisation, a digest of the
+    datalist, ...) are stored in the checkpoint; resuming a checkpoint saved with other settings raises
+    :class:`SettingsMismatchError` naming each differing setting, before any training (``resume=False``
+    trains afresh instead, overwriting it). The budget (``max_epochs``) may grow: a resumed run trains on.
     """
 
     def __init__(self, save_dir: str, save_dict: Mapping, filename: str = "checkpoint.pt", save_interval: int = 1,
-                 resume: bool = True, final_filename: str | None = None):
+                 resume: bool = True, final_filename: str | None = None, settings: Mapping | None = None):
+        self.settings = _comparable(dict(settings or {}))
         self.save_dir = Path(save_dir)
         self.save_dict = dict(save_dict)
         self.path = self.save_dir / filename
@@ -100,6 +125,14 @@ class ResumableCheckpoint:
         if not (self.resume and self.path.is_file()):
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved = ckpt.get("settings")
+        if saved is not None and self.settings:
+            differ = [f"{k}: {saved.get(k)!r} there, {self.settings.get(k)!r} now"
+                      for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
+            if differ:
+                raise SettingsMismatchError(
+                    f"{self.path}: holds a run with other settings ({'; '.join(differ)}); expected the same settings "
+                    f"to resume it: use another ckpt_dir, or set resume to false to train afresh over it")
         missing = [k for k in self.save_dict if k not in ckpt]
         if missing:  # e.g. written before the random states and curves were saved: start those afresh
             logger.warning("%s holds no %s; those start afresh", self.path, missing)
@@ -110,7 +143,7 @@ class ResumableCheckpoint:
 
     def save(self, engine) -> None:
         state = {k: (_unwrap(v) if isinstance(v, torch.nn.Module) else v).state_dict() for k, v in self.save_dict.items()}
-        atomic_torch_save(state, self.path)
+        atomic_torch_save({**state, "settings": self.settings}, self.path)
 
     def complete(self, engine) -> None:
         self.save(engine)
