@@ -255,6 +255,9 @@ def train_run(run: Run, ctx: Context) -> dict:
     if done.is_file():
         return json.loads(done.read_text())
     variant = ctx.spec.variants[run.name]
+    if run.record.is_file():  # evaluated by a harness that wrote no trained.json: never train it again
+        ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
+        return {"train_seconds": json.loads(run.record.read_text())["train_seconds"], **training_curve(ckpt_dir)}
     for stale in (run.dir / "model.pt", run.dir / "train_checkpoint.pt", *run.dir.glob("model_step*.pt")):
         stale.unlink(missing_ok=True)
     start = {"pretrained_ckpt": str(run.pretrained)} if run.pretrained else {}
