@@ -24,7 +24,6 @@ from ..utils import atomic_torch_save, atomic_write_json, remove_stale_temporari
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Checkpoint, _ = optional_import("ignite.handlers", "0.4.11", min_version, "Checkpoint")
-IgniteEarlyStopping, _ = optional_import("ignite.handlers", "0.4.11", min_version, "EarlyStopping")
 
 logger = logging.getLogger(__name__)
 
@@ -197,36 +196,43 @@ class BestModelSaver:
 
 class EarlyStopping:
     """Attach to a trainer: stop it when ``key_metric`` of its ``validator`` has not improved by more
-    than ``min_delta`` for ``patience`` validations (ignite's ``EarlyStopping``; pair it with
-    :class:`BestModelSaver`, which keeps the best model). Its counters are in :meth:`state_dict`, so a
-    :class:`ResumableCheckpoint` resumes them, and a run that has stopped stays stopped when run again.
-    ``patience=0`` never stops."""
+    than ``min_delta`` for ``patience`` validations (pair it with :class:`BestModelSaver`, which keeps the
+    best model). Its counters are in :meth:`state_dict`, so a :class:`ResumableCheckpoint` resumes them,
+    and a run that has stopped stays stopped when run again. ``patience=0`` never stops.
+
+    (ignite's ``EarlyStopping`` does the same count, but its constructor sets up a logger through
+    ``idist.get_rank()``, which creates a process group: built on rank 0 only, as rank-0 handlers are
+    under ``torchrun``, it deadlocks the other ranks.)"""
 
     def __init__(self, validator, patience: int, key_metric: str = "val_mean_dice", min_delta: float = 0.0):
         self.validator = validator
         self.patience = int(patience)
         self.key_metric = key_metric
         self.min_delta = float(min_delta)
+        self.best: float | None = None
+        self.counter = 0
         self.stopped_epoch = 0
-        self._stopper = None
+        self.trainer = None
 
     def attach(self, engine) -> None:
         if self.patience <= 0:
             return
-        self._stopper = IgniteEarlyStopping(self.patience, self._score, engine, self.min_delta)
+        self.trainer = engine
         self.validator.add_event_handler(Events.COMPLETED, self._check)
         engine.add_event_handler(Events.STARTED, self._stay_stopped)
 
-    def _score(self, validator) -> float:
-        value = float(validator.state.metrics[self.key_metric])
-        return -math.inf if math.isnan(value) else value
-
     def _check(self, validator) -> None:
-        self._stopper(validator)
-        if self._stopper.trainer.should_terminate and not self.stopped_epoch:
-            self.stopped_epoch = int(self._stopper.trainer.state.epoch)
+        value = float(validator.state.metrics[self.key_metric])
+        value = -math.inf if math.isnan(value) else value
+        if self.best is None or value > self.best + self.min_delta:
+            self.best, self.counter = value, 0
+            return
+        self.counter += 1
+        if self.counter >= self.patience and not self.stopped_epoch:
+            self.stopped_epoch = int(self.trainer.state.epoch)
             logger.info("early stop at epoch %d: %s has not improved for %d validations", self.stopped_epoch,
                         self.key_metric, self.patience)
+            self.trainer.terminate()
 
     def _stay_stopped(self, engine) -> None:
         if self.stopped_epoch:
@@ -234,12 +240,12 @@ class EarlyStopping:
             engine.terminate()
 
     def state_dict(self) -> dict:
-        return {"stopper": dict(self._stopper.state_dict()) if self._stopper else {}, "stopped_epoch": self.stopped_epoch}
+        return {"best": self.best, "counter": self.counter, "stopped_epoch": self.stopped_epoch}
 
     def load_state_dict(self, state: dict) -> None:
+        self.best = None if state.get("best") is None else float(state["best"])
+        self.counter = int(state.get("counter", 0))
         self.stopped_epoch = int(state.get("stopped_epoch", 0))
-        if self._stopper and state.get("stopper"):
-            self._stopper.load_state_dict(state["stopper"])
 
 
 class CurveLog(MetricLogger):
