@@ -34,15 +34,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
-def remove_stale_temporaries(folder: str | os.PathLike, names=None) -> list[Path]:
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left in ``folder`` when a process was killed while
-    writing (``.<name>.<random>.tmp``; only those of ``names`` when given); returns what was removed.
+    writing (``.<name>.<random>.tmp``); returns what was removed.
     Call it when a run starts, before anything writes there."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for p in folder.glob(".*.tmp") if p.is_file()
-             and (names is None or any(p.name.startswith(f".{n}.") for n in names))]
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file()]
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

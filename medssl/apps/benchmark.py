@@ -231,8 +231,7 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
         atomic_write_json(record, run.record)
         return record
     trained = train_run(run, ctx)
-    variant = ctx.spec.variants[run.name]
-    ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
+    ckpt_dir = _model_dir(run, ctx.spec.variants[run.name])
     ckpt = {} if step is None else {"ckpt_path": str(ckpt_dir / f"model_step{step}.pt")}
     # the budget's and the variant's overrides go to evaluation too (network sizes and switches must
     # match; ids that evaluate.json does not use are inert there)
@@ -246,6 +245,12 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
     return record
 
 
+def _model_dir(run: Run, variant: Variant) -> Path:
+    """Where a variant run's model and curves are: its own folder, or (an evaluation-only variant) the
+    folder of the run it continues."""
+    return run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
+
+
 def train_run(run: Run, ctx: Context) -> dict:
     """Train a variant's run unless its ``trained.json`` is there; returns that record (training seconds
     and :func:`training_curve`). An unfinished training (cut off midway) starts again from scratch: a
@@ -256,8 +261,8 @@ def train_run(run: Run, ctx: Context) -> dict:
         return json.loads(done.read_text())
     variant = ctx.spec.variants[run.name]
     if run.record.is_file():  # evaluated by a harness that wrote no trained.json: never train it again
-        ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
-        return {"train_seconds": json.loads(run.record.read_text())["train_seconds"], **training_curve(ckpt_dir)}
+        return {"train_seconds": json.loads(run.record.read_text())["train_seconds"],
+                **training_curve(_model_dir(run, variant))}
     for stale in (run.dir / "model.pt", run.dir / "train_checkpoint.pt", *run.dir.glob("model_step*.pt")):
         stale.unlink(missing_ok=True)
     start = {"pretrained_ckpt": str(run.pretrained)} if run.pretrained else {}
@@ -270,8 +275,7 @@ def train_run(run: Run, ctx: Context) -> dict:
     if variant.stage is not None:  # None: evaluation only, of the continued variant's model
         run_stage(ctx.bundle, variant.stage, ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
                   label_fraction=run.fraction, **ctx.common, **start, **run.overrides)
-    ckpt_dir = run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
-    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(ckpt_dir)}
+    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(_model_dir(run, variant))}
     atomic_write_json(record, done)
     return record
 
@@ -293,12 +297,12 @@ def select_steps(trained: dict, steps) -> dict:
     return out
 
 
-def _epoch_means(points, epoch_length: int | None = None) -> list:
-    """``[[iteration, value], ...]`` of every iteration -> the mean per ``epoch_length`` iterations (one
-    point per epoch, at its last iteration); None values are skipped."""
+def _block_means(points) -> list:
+    """``[[iteration, value], ...]`` of every iteration -> about 100 points: the mean of each block of
+    ``len(points) // 100`` iterations, at its last iteration; None values are skipped."""
     if not points:
         return []
-    n = epoch_length or max(1, len(points) // 100)
+    n = max(1, len(points) // 100)
     out, block = [], []
     for i, v in points:
         if v is not None:
@@ -311,7 +315,7 @@ def _epoch_means(points, epoch_length: int | None = None) -> list:
 
 def training_curve(ckpt_dir: Path) -> dict:
     """From a training's ``train_curve.json`` (:class:`medssl.engines.CurveLog`): its validation curve
-    (``val_curve``: [[step, val_mean_dice], ...]), loss per epoch (``loss_curve``), the step of the best
+    (``val_curve``: [[step, val_mean_dice], ...]), its loss in about 100 points (``loss_curve``), the step of the best
     validation (``best_step``, the model kept) and the last step trained (``steps``: less than the budget
     where early stopping ended it). Empty where the bundle writes no curve."""
     path = Path(ckpt_dir) / "train_curve.json"
@@ -322,18 +326,18 @@ def training_curve(ckpt_dir: Path) -> dict:
     scored = [p for p in val if p[1] is not None]
     return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "val_curve": val,
             "best_step": max(scored, key=lambda p: p[1])[0] if scored else None,
-            "loss_curve": _epoch_means(curve["loss"])}
+            "loss_curve": _block_means(curve["loss"])}
 
 
 def pretext_curve(pre_dir: Path) -> dict:
-    """A pretraining's pretext-loss curve (per ~1% of its steps) and its other logged terms, from
+    """A pretraining's pretext-loss curve (about 100 points) and its other logged terms, from
     ``pretrain_curve.json``; empty where the bundle writes none."""
     path = Path(pre_dir) / "pretrain_curve.json"
     if not path.is_file():
         return {}
     curve = json.loads(path.read_text())
-    return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "loss_curve": _epoch_means(curve["loss"]),
-            **{f"{k}_curve": _epoch_means(v) for k, v in curve["metrics"].items() if k.startswith("train_")}}
+    return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "loss_curve": _block_means(curve["loss"]),
+            **{f"{k}_curve": _block_means(v) for k, v in curve["metrics"].items() if k.startswith("train_")}}
 
 
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: int | None = None, seed: int = 0,

@@ -7,7 +7,7 @@ from .semi import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLab
 from .weak import WEAK_METHODS, ClusterReSupervisionIteration, WeakSegReport, weak_or_supervised
 from .handlers import (BestModelSaver, classification_accuracy, CurveLog, EarlyStopping, LoadCheckpoint, MetricsReport, NonFiniteLossError,
                        RandomStates, ResumableCheckpoint, SettingsMismatchError, StepSnapshots,
-                       StopOnNonFiniteLoss, settings_digest)
+                       StopOnNonFiniteLoss)
 
 __all__ = ["WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "weak_or_supervised", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
-           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "RandomStates", "StepSnapshots", "SettingsMismatchError", "settings_digest", "NonFiniteLossError", "StopOnNonFiniteLoss", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]
+           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "RandomStates", "StepSnapshots", "SettingsMismatchError", "NonFiniteLossError", "StopOnNonFiniteLoss", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

@@ -70,15 +70,6 @@ class SettingsMismatchError(ValueError):
     """A checkpoint folder holds a run trained with other settings than the run asked to resume it."""
 
 
-def settings_digest(value) -> str:
-    """A short stable digest of a JSON-able value (e.g. a datalist) for :class:`ResumableCheckpoint`'s
-    ``settings``: two runs on other cases or other labelled subsets differ in it."""
-    import hashlib
-    import json
-
-    return hashlib.sha1(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _comparable(value):
     import json
 
