@@ -94,19 +94,20 @@ class CLI:
 
     def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", folds: int | None = None,
                   seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants=None,
-                  reevaluate: bool = False):
+                  reevaluate: bool = False, workers: int = 1):
         """Method vs baseline (and the bundle's other variants, bundles/BUNDLE/benchmark.json) at each label
         fraction, by k-fold cross-validation (--folds, default the bundle's; --seed fixes the fold
         assignment): every case is tested once; variants are compared with the baseline case by case
         (paired bootstrap). Writes results.json/.md and label_efficiency.png. --variants method,baseline
         trains only those now and still reports the other variants' runs already finished under --out;
         --reevaluate re-runs only the evaluation of their finished runs (models and training times kept).
+        --workers N trains N folds at once in separate processes (a GPU or many-core machine).
 
         Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
         sample first where it is absent."""
         from .apps.benchmark import run_benchmark
         run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds, seed=seed, budget=budget,
-                      out=out, variants=variants, reevaluate=reevaluate)
+                      out=out, variants=variants, reevaluate=reevaluate, workers=workers)
         print(Path(out, "results.md").read_text())
 
     def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str | None = None,

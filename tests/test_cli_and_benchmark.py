@@ -170,6 +170,25 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
         run_benchmark("context_restoration", str(data), out=str(out), **dict(SMOKE, folds=3))
 
 
+@pytest.mark.slow
+def test_folds_trained_in_parallel_workers_give_the_sequential_numbers(tmp_path, brats_copy):
+    """--workers 2 trains the two folds in two processes (each with half of this process's threads); with
+    one thread each way, every case's Dice equals a sequential run's."""
+    import torch
+
+    data, threads = str(brats_copy(6)), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = run_benchmark("context_restoration", data, out=str(tmp_path / "seq"), variants="baseline", **SMOKE)
+        torch.set_num_threads(2)
+        two = run_benchmark("context_restoration", data, out=str(tmp_path / "par"), variants="baseline", workers=2,
+                            **SMOKE)
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["fold"], r["steps"]) for r in two["runs"]] == [(0, 4), (1, 4)]
+    assert [r["cases"] for r in two["runs"]] == [r["cases"] for r in one["runs"]]
+
+
 def test_benchmark_rejects_unknown_budget(brats_dir, tmp_path):
     with pytest.raises(ValueError, match="budget must be one of"):
         run_benchmark("context_restoration", str(brats_dir), budget="huge", out=str(tmp_path))

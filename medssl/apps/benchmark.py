@@ -342,7 +342,8 @@ def pretext_curve(pre_dir: Path) -> dict:
 
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: int | None = None, seed: int = 0,
                   budget: str = "small", out: str = "benchmark_out", progress: bool = True,
-                  logging_file: str | bool | None = None, variants=None, reevaluate: bool = False) -> dict:
+                  logging_file: str | bool | None = None, variants=None, reevaluate: bool = False,
+                  workers: int = 1) -> dict:
     """Run (or resume) the benchmark grid (folds x fractions x variants): :func:`plan`, then
     :func:`execute` each run, then :func:`report`; returns the ``results.json`` content.
 
@@ -353,10 +354,15 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     a costly comparison can be run at fewer fractions than method and baseline into one ``out``.
     ``reevaluate`` runs the evaluation stage again on the finished runs of the selected variants
     (their trained models and training times are kept): for a changed evaluation, without retraining.
+    ``workers`` > 1 trains that many folds at once, each in its own process with its share of this
+    process's torch threads (for a GPU or many-core machine; the numbers equal a sequential run's only up to the
+    nondeterminism of the device): :func:`_train_folds_in_parallel`.
     """
     spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
                                                  out, logging_file, variants)
     results = ctx.results
+    if int(workers) > 1:
+        _train_folds_in_parallel(runs, ctx, int(workers))
     results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir) if r]
     report(results, spec.names, spec.reference)
     # a resumed call that trains little must not report its own small footprint as the benchmark's
@@ -400,6 +406,37 @@ def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, p
         results["runs"] = [r for r in records if r]
         atomic_write_json(results, out_dir / "results.json")
     return records
+
+
+def _train_fold(runs: list[Run], ctx: Context, threads: int) -> None:
+    """One worker of :func:`_train_folds_in_parallel`: one fold's pretrainings, then its selected variants'
+    trainings, in plan order."""
+    import torch
+
+    torch.set_num_threads(threads)
+    for run in runs:
+        if run.kind == "pretrain":
+            execute(run, ctx)
+        elif run.selected:
+            train_run(run, ctx)
+
+
+def _train_folds_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
+    """Train the folds ``workers`` at a time, each in a spawned process (:func:`_train_fold`); every run
+    leaves its usual files, so :func:`_execute_all` then only selects and evaluates (and a cut run is
+    retrained as ever)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    by_fold = {}
+    for run in runs:
+        by_fold.setdefault(run.fold, []).append(run)
+    import torch
+
+    threads = max(1, torch.get_num_threads() // workers)  # this process's threads, shared out
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for done in [pool.submit(_train_fold, fold_runs, ctx, threads) for fold_runs in by_fold.values()]:
+            done.result()  # a worker's error is raised here
 
 
 def _record_pretraining(results: dict, run: Run, record: dict) -> None:
