@@ -65,6 +65,44 @@ def list_bundles() -> list[dict]:
     return out
 
 
+def stage_settings(bundle: str, stage: str) -> dict:
+    """The settings a user can override on ``stage`` of ``bundle`` (``--id value``): its configs' top-level
+    ids whose defaults are plain values (numbers, strings, booleans, lists of them; the overlays' values
+    win), not the objects the stage builds."""
+    merged = {}
+    for f in stage_config_files(bundle_path(bundle), stage):
+        merged.update(json.loads(f.read_text()))
+
+    def plain(v):
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, list) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v))
+
+    return {k: v for k, v in merged.items() if k != "imports" and plain(v)}
+
+
+class SettingError(ValueError):
+    """A stage setting given a value of the wrong kind (``medssl run``)."""
+
+
+def check_overrides(bundle: str, stage: str, overrides: dict) -> None:
+    """Refuse, naming the setting, an override whose value cannot be what its default is: a number for a
+    numeric default, true/false for a boolean, a list for a list (an expression ``$...`` passes as is)."""
+    defaults = stage_settings(bundle, stage)
+    for key, value in overrides.items():
+        if key not in defaults or (isinstance(value, str) and value.startswith(("$", "@"))):
+            continue
+        default = defaults[key]
+        expected = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
+                    else "a number" if isinstance(default, float) else "a list" if isinstance(default, list) else None)
+        ok = (isinstance(value, bool) if isinstance(default, bool)
+              else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
+              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+              else isinstance(value, (list, tuple)) if isinstance(default, list) else True)
+        if not ok:
+            raise SettingError(f"setting {key!r} of {bundle} {stage}: got {value!r}, expected {expected} "
+                               f"(default {json.dumps(default)})")
+
+
 def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, **overrides):
     """Run ``stage`` of ``bundle`` exactly as ``python -m monai.bundle run`` does, with ``bundle_root``
     set to the bundle's absolute path unless overridden. Overlay stages (``evaluate``, ``pretrain``,

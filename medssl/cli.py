@@ -9,8 +9,7 @@
     medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --folds 5 --seed 0 --budget small --out DIR
 """
 
-from __future__ import annotations
-
+import json
 import sys
 from pathlib import Path
 
@@ -20,8 +19,14 @@ import fire
 class Data:
     """Data sets: download, prepare, split, check."""
 
-    def download(self, name: str = "brats18-sample", out: str | None = None, prepare: bool = True):
-        """Fetch the public BraTS 2018 sample (1 mm, SHA-256 verified) and prepare its 2 mm copy."""
+    def download(self, name: str = "brats18-sample", out: str = "", prepare: bool = True):
+        """Fetch the public BraTS 2018 sample (1 mm, SHA-256 verified) and prepare its 2 mm copy.
+
+        Args:
+            name: the data set; only 'brats18-sample'.
+            out: folder to put it in (default: where medssl looks for data, $MEDSSL_DATA_DIR).
+            prepare: also write the 2 mm copy (brats18_2mm) the bundles use.
+        """
         from .data import download, prepare as prep
         from .utils import data_root
 
@@ -34,14 +39,30 @@ class Data:
         return str(root)
 
     def prepare(self, src: str, out: str, pixdim: float = 2.0, margin: int = 2):
-        """Crop BraTS cases to the brain (+margin voxels) and resample to pixdim mm."""
+        """Crop BraTS cases to the brain (+margin voxels) and resample to pixdim mm.
+
+        Args:
+            src: folder of BraTS case folders (<case>/<case>_{flair,t1,t1ce,t2}.nii.gz, seg optional).
+            out: folder for the prepared cases.
+            pixdim: output voxel size in mm.
+            margin: voxels kept around the brain's bounding box.
+        """
         from .data import prepare
 
         return [str(p) for p in prepare(src, out, pixdim, margin)]
 
     def split(self, data_dir: str, out: str, label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
               test_fraction: float = 0.3):
-        """Write an MSD-style datalist JSON (training with labelled flags / validation / test)."""
+        """Write an MSD-style datalist JSON (training with labelled flags / validation / test).
+
+        Args:
+            data_dir: the data set folder (BraTS case folders or images/ + labels/).
+            out: the datalist JSON to write.
+            label_fraction: share of the training cases whose labels are used (0 < f <= 1).
+            seed: fixes the split.
+            val_fraction: share of the cases held out for validation.
+            test_fraction: share of the cases held out for testing.
+        """
         from .data import LAYOUTS, detect_layout, make_split, write_datalist
 
         cases = LAYOUTS[detect_layout(data_dir)](data_dir)
@@ -51,11 +72,16 @@ class Data:
         return (f"{out}: {len(split['training'])} training ({n_lab} labelled), {len(split['validation'])} validation, "
                 f"{len(split['test'])} test")
 
-    def check(self, data_dir: str, layout: str | None = None):
-        """Validate every file of a data directory; report every problem in one pass (exit 1 if any)."""
+    def check(self, data_dir: str, layout: str = ""):
+        """Validate every file of a data directory; report every problem in one pass (exit 1 if any).
+
+        Args:
+            data_dir: the data set folder.
+            layout: 'brats' or 'nuclei' (default: detected from the folder).
+        """
         from .data import check_dataset_dir
 
-        problems = check_dataset_dir(data_dir, layout)
+        problems = check_dataset_dir(data_dir, layout or None)
         if problems:
             print(f"{data_dir}: {len(problems)} problem(s):", file=sys.stderr)
             for p in problems:
@@ -78,12 +104,20 @@ class CLI:
             print(f"{b['name']:24s} {b['paradigm']:32s} stages: {', '.join(b['stages'])}\n{'':24s} {b['paper']}")
 
     def run(self, bundle: str, stage: str, **overrides):
-        """Run one stage of a bundle (same as python -m monai.bundle run --config_file ...).
+        """Run one stage of a bundle (same as python -m monai.bundle run --config_file ...); any config id
+        can be set with --id value. `medssl run BUNDLE STAGE --help` lists the stage's settings.
 
-        Bad input (data, checkpoints) stops with its one message instead of MONAI's config traceback."""
-        from .bundles import run_stage
+        Bad input (data, checkpoints, a setting of the wrong kind) stops with one line and exit code 2.
+
+        Args:
+            bundle: a bundle name (`medssl bundles` lists them).
+            stage: pretrain, train, prel, evaluate, inference or multi_gpu_train (those the bundle has).
+            overrides: --id value for any config id, e.g. --label_fraction 0.1 --seed 1.
+        """
+        from .bundles import check_overrides, run_stage
 
         try:
+            check_overrides(bundle, stage, overrides)
             run_stage(bundle, stage, **overrides)
         except Exception as e:
             cause = _input_error(e)
@@ -92,29 +126,45 @@ class CLI:
             print(f"medssl run {bundle} {stage}: {type(cause).__name__}: {cause}", file=sys.stderr)
             raise SystemExit(2) from None
 
-    def benchmark(self, bundle: str, data_dir: str | None = None, fractions="0.1,0.2,1.0", folds: int | None = None,
-                  seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants=None,
+    def benchmark(self, bundle: str, data_dir: str = "", fractions: str = "0.1,0.2,1.0", folds: int = 0,
+                  seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants: str = "",
                   reevaluate: bool = False, workers: int = 1):
         """Method vs baseline (and the bundle's other variants, bundles/BUNDLE/benchmark.json) at each label
-        fraction, by k-fold cross-validation (--folds, default the bundle's; --seed fixes the fold
-        assignment): every case is tested once; variants are compared with the baseline case by case
-        (paired bootstrap). Writes results.json/.md and label_efficiency.png. --variants method,baseline
-        trains only those now and still reports the other variants' runs already finished under --out;
-        --reevaluate re-runs only the evaluation of their finished runs (models and training times kept).
-        --workers N trains N folds at once in separate processes (a GPU or many-core machine).
+        fraction, by k-fold cross-validation: every case is tested once; variants are compared with the
+        baseline case by case (paired bootstrap). Writes results.json/.md and plots to --out; an
+        interrupted call resumes.
 
-        Without --data_dir it uses $MEDSSL_DATA_DIR/<dataset>, downloading and preparing the public
-        sample first where it is absent."""
+        Args:
+            bundle: a bundle name (`medssl bundles` lists them).
+            data_dir: the data set (default: the bundle's under $MEDSSL_DATA_DIR, or ../shared/data beside a
+                checkout; the public BraTS sample is downloaded where it is absent).
+            fractions: comma-separated label fractions.
+            folds: k of the cross-validation (0: the bundle's benchmark.json's).
+            seed: fixes the fold assignment.
+            budget: a budget of the bundle's benchmark.json (converged, small, smoke, full).
+            out: the output folder (also the resume state).
+            variants: comma-separated variants to train now (default all); finished runs of others are reported.
+            reevaluate: re-run only the evaluation of the finished runs (models and training times kept).
+            workers: folds trained at once in separate processes (a GPU or many-core machine).
+        """
         from .apps.benchmark import run_benchmark
-        run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds, seed=seed, budget=budget,
-                      out=out, variants=variants, reevaluate=reevaluate, workers=workers)
+        run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds or None, seed=seed, budget=budget,
+                      out=out, variants=variants or None, reevaluate=reevaluate, workers=workers)
         print(Path(out, "results.md").read_text())
 
-    def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str | None = None,
+    def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str = "",
               budget: str = "converged", out: str = "sweep_out"):
         """A sweep of the bundle's benchmark (bundles/BUNDLE/benchmark.json "sweeps"), e.g. the fine-tuned
         Dice at one label fraction on one fold against the pretraining length (0 = from scratch).
-        Writes sweep.json and sweep.png to --out; resumable."""
+        Writes sweep.json and sweep.png to --out; resumable.
+
+        Args:
+            bundle: a bundle name.
+            name: a sweep of its benchmark.json.
+            data_dir: the data set (default as for benchmark).
+            budget: the budget the sweep's runs use.
+            out: the output folder (also the resume state).
+        """
         from .apps.benchmark import run_sweep
 
         result = run_sweep(bundle, _benchmark_data(bundle, data_dir), name, budget=budget, out=out)
@@ -129,7 +179,7 @@ def _benchmark_data(bundle: str, data_dir: str | None) -> str:
     from .data import ensure_sample
     from .utils import data_root
 
-    if data_dir is not None:
+    if data_dir:
         return data_dir
     if bundle not in BENCHMARKS:
         raise SystemExit(f"no benchmark defined for {bundle!r}; expected one of {sorted(BENCHMARKS)}")
@@ -138,22 +188,58 @@ def _benchmark_data(bundle: str, data_dir: str | None) -> str:
 
 def _input_error(e: BaseException):
     """The medssl bad-input error behind MONAI's 'Failed to evaluate' wrappers, if any."""
-    from .data import DataError
+    from .bundles import SettingError
+    from .data import DataError, DownloadError
     from .engines import NonFiniteLossError, SettingsMismatchError
     from .networks import CheckpointMismatchError
 
     while e is not None:
-        if isinstance(e, (DataError, CheckpointMismatchError, NonFiniteLossError, SettingsMismatchError)):
+        if isinstance(e, (DataError, CheckpointMismatchError, NonFiniteLossError, SettingsMismatchError, SettingError,
+                          DownloadError)):
             return e
         e = e.__cause__ or e.__context__
     return None
 
 
+def _stage_help(argv: list) -> str | None:
+    """The help of ``medssl run [BUNDLE [STAGE]] --help`` (fire cannot list a stage's config ids), else None."""
+    from .bundles import bundle_path, bundle_stages, list_bundles, stage_settings
+
+    words = [a for a in argv if a not in ("--help", "-h", "--")]
+    if argv[:1] != ["run"] or len(words) == len(argv) or len(words) > 3:
+        return None
+    if len(words) < 3:
+        rows = [f"  {b['name']:24s} {', '.join(b['stages'])}" for b in list_bundles()]
+        return ("usage: medssl run BUNDLE STAGE [--id value ...]   (medssl run BUNDLE STAGE --help: its settings)\n"
+                "Runs one stage as python -m monai.bundle run does. Bundles and their stages:\n" + "\n".join(rows))
+    bundle, stage = words[1], words[2]
+    if stage not in bundle_stages(bundle_path(bundle)):
+        raise ValueError(f"bundle {bundle!r} has no stage {stage!r}; expected one of {bundle_stages(bundle_path(bundle))}")
+    rows = [f"  --{k} {json.dumps(v)}" for k, v in stage_settings(bundle, stage).items()]
+    return (f"usage: medssl run {bundle} {stage} [--id value ...]\nSettings (id and default; any other config id of "
+            f"bundles/{bundle}/configs can be set too):\n" + "\n".join(rows))
+
+
 def main():
     import logging
 
+    try:
+        text = _stage_help(sys.argv[1:])
+    except ValueError as e:
+        print(f"medssl run: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if text is not None:
+        print(text)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    fire.Fire(CLI(), name="medssl")
+    try:
+        fire.Fire(CLI(), name="medssl")
+    except Exception as e:  # medssl's bad-input errors from any command: one line, exit 2
+        cause = _input_error(e)
+        if cause is None:
+            raise
+        print(f"medssl: {type(cause).__name__}: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

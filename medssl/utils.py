@@ -61,8 +61,15 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def data_root() -> Path:
-    """``$MEDSSL_DATA_DIR``, else ``~/.cache/medssl/data``."""
-    return Path(os.environ.get("MEDSSL_DATA_DIR") or Path.home() / ".cache" / "medssl" / "data").expanduser()
+    """Where medssl looks for data sets: ``$MEDSSL_DATA_DIR``; else, in a source checkout with a ``shared``
+    folder beside it (the project's layout), ``../shared/data``; else ``~/.cache/medssl/data``."""
+    if os.environ.get("MEDSSL_DATA_DIR"):
+        return Path(os.environ["MEDSSL_DATA_DIR"]).expanduser()
+    checkout = Path(__file__).resolve().parents[1]
+    beside = checkout.parent / "shared" / "data"
+    if (checkout / "setup.cfg").is_file() and beside.is_dir():
+        return beside
+    return Path.home() / ".cache" / "medssl" / "data"
 
 
 def default_dataset_dir(name: str) -> str:

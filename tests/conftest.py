@@ -6,11 +6,23 @@ from pathlib import Path
 
 import pytest
 
+from medssl.utils import data_root
+
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("MEDSSL_DATA_DIR", str((REPO / ".." / "shared" / "data").resolve()))
-DATA = Path(os.environ["MEDSSL_DATA_DIR"])
+DATA = data_root()  # $MEDSSL_DATA_DIR, else ../shared/data beside this checkout
+os.environ.setdefault("MEDSSL_DATA_DIR", str(DATA))
 BRATS = DATA / "brats18_2mm"
 NUCLEI = DATA / "dsb2018_nuclei"
+
+
+def pytest_sessionstart(session):
+    """No data, no tests: one line at the start instead of a failure per test."""
+    missing = [p for p in (BRATS, NUCLEI) if not p.is_dir()]
+    if missing:
+        pytest.exit(f"the tests need the real data sets {', '.join(p.name for p in missing)} under {DATA} "
+                    f"(looked in $MEDSSL_DATA_DIR, else ../shared/data beside this checkout); put ../shared beside "
+                    f"the checkout or set MEDSSL_DATA_DIR (`medssl data download` fetches the BraTS sample)",
+                    returncode=4)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +26,9 @@ logger = logging.getLogger(__name__)
 SOURCES_FILE = Path(__file__).with_name("brats18_sources.sha256")
 SOURCE_REPO = "koriavinash1/DeepBrainSeg"
 SOURCE_COMMIT = "5d4f3810f1c776050b6937b6db5b7afa17527efd"
-SOURCE_URL = f"https://raw.githubusercontent.com/{SOURCE_REPO}/{SOURCE_COMMIT}/"
+# a mirror of the same files (checked against the same SHA-256) can be named in $MEDSSL_BRATS_SOURCE_URL
+SOURCE_URL = os.environ.get("MEDSSL_BRATS_SOURCE_URL") or \
+    f"https://raw.githubusercontent.com/{SOURCE_REPO}/{SOURCE_COMMIT}/"
 
 
 class DownloadError(RuntimeError):

@@ -1,0 +1,97 @@
+"""The command line a new user meets: help that lists settings, one line (exit 2) for a bad setting or a
+failed download, the data found beside a checkout, and one line when the test data is missing."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medssl.bundles import SettingError, check_overrides, stage_settings
+from medssl.utils import data_root
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def medssl(capsys, monkeypatch):
+    """``medssl ARGS`` in this process: its exit code, stdout and stderr."""
+    from medssl.cli import main
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["medssl", *args])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return Result(code, out.out, out.err)
+
+    return call
+
+
+def test_stage_help_lists_its_settings_with_defaults(medssl):
+    r = medssl("run", "context_restoration", "train", "--help")
+    assert r.returncode == 0
+    assert "--label_fraction 1.0" in r.stdout and "--seed 0" in r.stdout and "--max_epochs" in r.stdout
+    r = medssl("run", "--help")
+    assert r.returncode == 0 and "context_restoration" in r.stdout and "pretrain, train, evaluate" in r.stdout
+    r = medssl("run", "slem", "prel", "--help")
+    assert r.returncode == 2 and "has no stage 'prel'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_command_help_has_types_and_one_line_per_setting(medssl):
+    r = medssl("benchmark", "--help")
+    text = r.stdout + r.stderr  # fire pages its help to stderr without a terminal
+    assert r.returncode == 0
+    assert "Optional[" not in text and "k of the cross-validation" in text and "Type: int" in text
+
+
+@pytest.mark.parametrize("setting,value,expected", [("label_fraction", "abc", "a number"),
+                                                     ("seed", "x", "an integer"), ("max_epochs", "1.5", "an integer")])
+def test_a_bad_setting_is_one_line_naming_it_with_exit_2(medssl, setting, value, expected):
+    r = medssl("run", "context_restoration", "train", f"--{setting}", value)
+    assert r.returncode == 2
+    line, = r.stderr.strip().splitlines()[-1:]
+    assert f"setting '{setting}'" in line and repr(value if setting != "max_epochs" else 1.5) in line
+    assert expected in line and "Traceback" not in r.stderr
+
+
+def test_overrides_of_the_right_kind_pass_and_every_stage_has_settings():
+    check_overrides("context_restoration", "train", {"label_fraction": 0.1, "seed": 3, "max_epochs": 2,
+                                                     "device": "$torch.device('cpu')", "not_a_default": "x"})
+    with pytest.raises(SettingError, match="'resume'.*true or false"):
+        check_overrides("context_restoration", "train", {"resume": 3})
+    assert {"seed", "label_fraction"} <= set(stage_settings("slem", "pretrain"))
+
+
+def test_a_failed_download_is_one_line(medssl, tmp_path, monkeypatch):
+    from medssl.data import sample
+
+    monkeypatch.setattr(sample, "SOURCE_URL", "http://127.0.0.1:9/")  # as $MEDSSL_BRATS_SOURCE_URL names a mirror
+    r = medssl("data", "download", "--out", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("medssl: DownloadError: cannot download http://127.0.0.1:9/")
+
+
+def test_data_is_found_beside_the_checkout(monkeypatch):
+    monkeypatch.delenv("MEDSSL_DATA_DIR", raising=False)
+    if (REPO.parent / "shared" / "data").is_dir():
+        assert data_root() == (REPO.parent / "shared" / "data").resolve()
+    monkeypatch.setenv("MEDSSL_DATA_DIR", "/somewhere/else")
+    assert data_root() == Path("/somewhere/else")
+
+
+def test_without_data_the_tests_stop_at_once_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(REPO / "tests" / "test_kmeans.py")],
+                       capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "MEDSSL_DATA_DIR": str(tmp_path / "none")})
+    assert r.returncode == 4 and "passed" not in r.stdout and "error" not in r.stdout.lower().replace("exit:", "")
+    assert f"the tests need the real data sets brats18_2mm, dsb2018_nuclei under {tmp_path / 'none'}" in r.stdout
