@@ -4,8 +4,9 @@
 Not a test: it prints a table and optionally writes JSON. Everything is measured in ONE run on the
 same real BraTS slices (the bundle's training slices, padded to 96^2), interleaved over ``--rounds``:
 
-  * ``cluster maps``: k-means of the pixel features of a batch + the clusters' score drops
-    (``medssl.losses.cluster_maps``: what the re-supervision adds, without gradient);
+  * ``cluster maps``: k-means of the pixel features of a batch + the clusters' score drops (the tumour
+    images re-classified with each cluster masked out, one batched forward) (``medssl.losses.cluster_maps``:
+    what the re-supervision adds, without gradient);
   * ``CAM step``: forward + backward + Adam step of ``CAMSegNet`` with the classification loss only;
   * ``full step``: the bundle's ``ClusterReSupervisionIteration`` step (classification + re-supervision
     + reconstruction, i.e. a second forward on the masked input).
@@ -77,7 +78,8 @@ def main(argv=None) -> dict:
         t = []
         for d, h in zip(data[:3], heads):
             t0 = time.perf_counter()
-            cluster_maps(h["features"], h["cam"], d["class"], d["image"][:, 0] != 0, num_clusters=args.clusters)
+            cluster_maps(h["features"], h["cam"], d["class"], d["image"][:, 0] != 0, num_clusters=args.clusters,
+                         image=d["image"], classifier=net.classify)
             t.append(time.perf_counter() - t0)
         seconds["cluster maps"].append(float(np.median(t)))
         seconds["CAM step"].append(time_trainer(net, ClusterReSupervisionIteration(None), data))

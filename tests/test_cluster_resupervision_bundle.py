@@ -70,6 +70,11 @@ def test_method_switches_what_trains(method):
     full = method == "cluster_resupervision"
     assert isinstance(it.resupervision, ClusterReSupervisionLoss) == full and it.resupervision_weight == float(full)
     assert it.reconstruction_weight == float(full) and it.target_channel == 3  # T2
+    if full:  # the contribution rule: masked re-classification by default, the CAM mean as the compared option
+        assert it.resupervision.contribution == "masked"
+        assert parser.get_parsed_content("run_settings")["contribution"] == "masked"
+        parser.update({"contribution": "cam_mean"})
+        assert parser.get_parsed_content("train#iteration", lazy=False).resupervision.contribution == "cam_mean"
 
 def test_inference_writes_a_mask_per_volume(trained, brats_copy, tmp_path):
     src = brats_copy(1)

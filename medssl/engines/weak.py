@@ -38,7 +38,9 @@ class ClusterReSupervisionIteration:
     - the classification term trains the CAM;
     - the re-supervision term (:class:`medssl.losses.ClusterReSupervisionLoss`) trains the refined-CAM
       head from k-means cluster maps of the pixel features, from ``start_iteration`` on (the CAM must
-      mean something first), ramped up over ``rampup_iterations``;
+      mean something first), ramped up over ``rampup_iterations``; it gets the input ``image`` and
+      ``model.classify``, with which its default contribution rule re-classifies each image with each
+      cluster masked out (one batched forward pass without gradient);
     - the reconstruction term (inter-modality reconstruction, the auxiliary task that stabilises the
       features being clustered): the batch's ``masked_key`` image (random patches masked, e.g. by
       :class:`medssl.transforms.RandPatchMaskd`) with channel ``target_channel`` zeroed must be turned
@@ -78,7 +80,8 @@ class ClusterReSupervisionIteration:
             since = engine.state.iteration - self.start_iteration
             if self.resupervision_weight and since >= 0:
                 w = sigmoid_rampup(since, self.rampup_iterations) * self.resupervision_weight
-                resup = w * self.resupervision(heads["seg"], heads["features"], heads["cam"], label, image[:, 0] != 0)
+                resup = w * self.resupervision(heads["seg"], heads["features"], heads["cam"], label, image[:, 0] != 0,
+                                               image=image, classifier=model.classify)
             rec = zero
             if self.reconstruction_weight:
                 masked = batchdata[self.masked_key].to(device).clone()
