@@ -41,6 +41,17 @@ def test_pretraining_transfers_into_the_segmentation_network(runs):
     assert any(k.startswith("head.") for k in state["projector"])
 
 
+def test_curves_log_the_pretext_terms_and_the_fine_tuning_loss_terms(runs):
+    pre = json.loads((runs["root"] / "pretrain" / "pretrain_curve.json").read_text())
+    assert [i for i, _ in pre["loss"]] == [1, 2]
+    for term in ("train_on_diagonal", "train_off_diagonal"):
+        assert len(pre["metrics"][term]) == 2 and all(v is not None and v >= 0 for _, v in pre["metrics"][term])
+    ft = json.loads((runs["root"] / "train" / "train_curve.json").read_text())
+    assert {"val_mean_dice", "train_seg_loss", "train_embedding_loss"} <= set(ft["metrics"])
+    for (i, loss), (_, seg), (_, emb) in zip(ft["loss"], ft["metrics"]["train_seg_loss"], ft["metrics"]["train_embedding_loss"]):
+        assert loss == pytest.approx(seg + 0.1 * emb, abs=1e-4)
+
+
 def test_evaluate_reports_the_papers_metrics(runs):
     m = json.loads((runs["root"] / "eval" / "metrics.json").read_text())
     assert m["num_cases"] == len(runs["split"]["test"])
@@ -122,3 +133,30 @@ def test_brats_axial_slices_through_the_same_bundle(tmp_path, brats_copy):
     case = sorted(p for p in data.iterdir() if p.is_dir())[0]
     pred, ref = nib.load(tmp_path / "pred" / f"{case.name}_seg.nii.gz"), nib.load(case / f"{case.name}_flair.nii.gz")
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+
+
+def test_every_variant_runs_on_brats_slices_through_the_harness(tmp_path, brats_copy):
+    """The BraTS-slices benchmark (``--data_dir`` a BraTS folder: the spec's ``brats`` layout) runs every
+    variant and pretraining of the spec, per volume (WT), with the snapshot training length chosen on
+    validation; the Barlow Twins pretext curves hold the on- and off-diagonal terms."""
+    from medssl.apps.benchmark import load_spec, run_benchmark
+
+    spec = load_spec("dfr_barlow")
+    data = brats_copy(4)
+    res = run_benchmark("dfr_barlow", str(data), fractions="1.0", folds=2, seed=0, budget="smoke",
+                        out=str(tmp_path / "bench"), progress=False, logging_file=False)
+    assert res["regions"] == ["WT"] and {r["variant"] for r in res["runs"]} == set(spec.names)
+    for name in spec.names:
+        tested = sorted(c for r in res["runs"] if r["variant"] == name for c in r["cases"])
+        assert tested == sorted(p.name for p in data.iterdir()), name
+    assert {s["variant"] for s in res["selected_steps"]} == set(spec.names)
+    assert set(res["pretrain_curves"]) == set(spec.pretrainings)
+    for curves in res["pretrain_curves"].values():
+        for c in curves.values():
+            assert c["train_on_diagonal_curve"] and c["train_off_diagonal_curve"]
+    assert (tmp_path / "bench" / "pretext_curves.png").is_file()
+    # each run of the no-attention / plain variants trained the network its overrides name
+    pre = torch.load(tmp_path / "bench" / "fold0" / "pretrain_plain_unet" / "pretrained.pt")
+    assert pre and not any(k.startswith(("bottleneck.branches", "bottleneck.fuse")) for k in pre)
+    state = torch.load(tmp_path / "bench" / "fold0" / "f1" / "plain_unet" / "model.pt")
+    assert set(state) == set(pre)

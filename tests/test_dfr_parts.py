@@ -118,3 +118,30 @@ def test_bundle_config_switches_on_the_layout(name, channels, roi, volumes):
     with pytest.raises(RuntimeError) as e:  # the config parser wraps choose()'s error
         parser.get_parsed_content("in_channels", lazy=False)
     assert "layout must be one of ['brats', 'nuclei'], got 'cells'" in str(e.value.__cause__)
+
+
+def test_benchmark_pairs_each_differ_in_exactly_one_factor():
+    """Every compared pair of the dfr_barlow benchmark (each variant against baseline, and the spec's
+    ``pairs``) differs in one factor only: the pretraining, the lesion-aware loss, the attention blocks, or
+    the DFR architecture as a whole; and each variant starts from a pretraining of its own network."""
+    from medssl.apps.benchmark import load_spec
+
+    spec = load_spec("dfr_barlow")
+    switches = ("channel_attention", "spatial_attention", "dilation", "compression")
+    factors = [{"pretrained"}, {"lac_weight"}, {"channel_attention", "spatial_attention"}, set(switches)]
+
+    def setting(name):
+        v = spec.variants[name]
+        s = {"lac_weight": 0.1, **{k: True for k in switches}, **{k: x for k, x in v.train.items() if k != "init"}}
+        assert (v.train.get("init") == "method") == (v.pretrain is not None), name
+        if v.pretrain is not None:
+            pre = {k: True for k in switches} | spec.pretrainings[v.pretrain]
+            assert all(pre[k] == s[k] for k in switches), f"{name}: pretrained on another network"
+        return {**s, "pretrained": v.pretrain is not None}
+
+    pairs = [("method", "baseline")] + [(p["variant"], p["against"]) for p in spec.pairs.values()]
+    assert {n for pair in pairs for n in pair} == set(spec.names), "every variant is in a compared pair"
+    for a, b in pairs:
+        sa, sb = setting(a), setting(b)
+        differ = {k for k in sa if sa[k] != sb[k]}
+        assert differ in factors, f"{a} vs {b} differ in {sorted(differ)}"

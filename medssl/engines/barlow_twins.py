@@ -8,6 +8,7 @@ compares their projections.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -17,6 +18,8 @@ from monai.engines.utils import IterationEvents
 
 from ..networks.heads import EncoderHead
 from .iteration import autocast, optimise
+
+logger = logging.getLogger(__name__)
 
 
 class BarlowTwinsNet(EncoderHead):
@@ -43,19 +46,40 @@ def barlow_terms(z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torc
         return ((1 - diag) ** 2).sum(), (c ** 2).sum() - (diag ** 2).sum()
 
 
+def redundancy_floor(num_samples: int, dim: int) -> float:
+    """The least redundancy term sum_{i != j} C_ij^2 that any projections of ``num_samples`` samples in ``dim``
+    dimensions can reach when the invariance term is 0 (C_ii = 1 for all i): the batch-centred projections have
+    rank r <= min(num_samples - 1, dim), so C does too, and ||C||_F^2 >= (tr C)^2 / r = dim^2 / r. It is 0
+    only when ``dim <= num_samples - 1``; otherwise the cross-correlation can never reach the identity that
+    the loss asks for (e.g. 16 samples, 512 dimensions: >= 16,964, i.e. at least 85 of loss with lambda
+    5e-3, more than the invariance term can ever contribute)."""
+    rank = max(1, min(int(num_samples) - 1, int(dim)))
+    return float(dim) ** 2 / rank - float(dim)
+
+
 class BarlowTwinsIteration:
     """``iteration_update`` of a ``SupervisedTrainer`` whose batches hold two views of each image.
 
     Args:
         keys: the batch keys of the two views.
-        batch_size: the configured batch size; Barlow Twins normalises over the batch, so < 2 is refused
-            here, when the config is parsed, before anything trains.
+        batch_size: the configured batch size (samples per step); Barlow Twins normalises over the batch, so
+            < 2 is refused here, when the config is parsed, before anything trains.
+        projector_dim: the projector's output size D, if given: D > batch_size - 1 is warned about (the
+            cross-correlation then has rank < D and cannot reach the identity, :func:`redundancy_floor`).
+
+    The output holds ``on_diagonal`` and ``off_diagonal`` (:func:`barlow_terms`) besides ``loss``, for
+    :class:`medssl.engines.CurveLog`.
     """
 
-    def __init__(self, keys: Sequence[str] = ("view1", "view2"), batch_size: int = 2):
+    def __init__(self, keys: Sequence[str] = ("view1", "view2"), batch_size: int = 2, projector_dim: int | None = None):
         if int(batch_size) < 2:
             raise ValueError(f"Barlow Twins needs a batch size of at least 2 (it normalises each projection "
                              f"feature over the batch); got batch_size={batch_size}")
+        if projector_dim is not None and int(projector_dim) > int(batch_size) - 1:
+            logger.warning("Barlow Twins with %d samples per step and a %d-d projector: the cross-correlation has "
+                           "rank <= %d and cannot reach the identity (off-diagonal term >= %.0f); use at most %d "
+                           "projector dimensions or more samples per step", int(batch_size), int(projector_dim),
+                           int(batch_size) - 1, redundancy_floor(batch_size, projector_dim), int(batch_size) - 1)
         self.keys = tuple(keys)
 
     def __call__(self, engine, batchdata: dict) -> dict:
