@@ -43,8 +43,8 @@ def test_cfb_unet_encode_is_the_bottleneck_of_forward(dims):
     net = CFBUNet(dims, **KW).eval()
     x = torch.randn(2, 4, *([32] * dims))
     seen = {}
-    bottom = net.model[1].submodule[1].submodule[1].submodule  # down, down, down, bottom (+ CFB)
-    assert isinstance(bottom[1], ContextualFusionBlock)
+    bottom = net.model[1].submodule[1].submodule[1].submodule  # down, down, down, bottom
+    assert isinstance(net.model[1].submodule[0][1], ContextualFusionBlock)  # the CFB follows level 1's down layer
     handle = bottom.register_forward_hook(lambda m, i, o: seen.setdefault("b", o))
     y = net(x)
     handle.remove()
@@ -53,6 +53,54 @@ def test_cfb_unet_encode_is_the_bottleneck_of_forward(dims):
     assert y.shape == (2, 3, *([32] * dims))
     scripted = torch.jit.script(net)  # exportable like the other bundles' networks
     assert torch.allclose(scripted(x), y, atol=1e-5)
+
+
+def _cfb_input_shape(net, x):
+    """The shape of the feature map the network's (only) CFB receives in a forward pass of ``x``."""
+    (cfb,) = [m for m in net.modules() if isinstance(m, ContextualFusionBlock)]
+    seen = {}
+    handle = cfb.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(i[0].shape)))
+    net.eval()(x)
+    handle.remove()
+    return seen["shape"]
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_the_cfb_refines_the_features_of_its_level(dims, level):
+    """``fusion_level`` i: the CFB sees channels[i] at the size ``fusion_size`` says, on the encoder path
+    (so ``encode`` and the pretext train it); the bottom level is the old placement."""
+    net = CFBUNet(dims, fusion_level=level, **KW)
+    size = (32, 24, 16)[:dims]
+    shape = _cfb_input_shape(net, torch.randn(1, 4, *size))
+    assert shape[1] == KW["channels"][level] and shape[2:] == net.fusion_size(size)
+    scale = 2 ** min(level + 1, 3)
+    assert net.fusion_size(size) == tuple(s // scale for s in size)
+    assert any(isinstance(m, ContextualFusionBlock) for m in net.modules())
+    with pytest.raises(ValueError, match="fusion_level must be in range"):
+        CFBUNet(dims, fusion_level=4, **KW)
+
+
+def test_the_configured_cfb_sees_a_feature_map_its_dilated_kernels_fit():
+    """At slem's configured crop, the CFB's widest kernel (2 * max dilation + 1 positions) fits inside the
+    feature map it refines; at the old placement (the 4^3 bottleneck) it did not (a 3x3 kernel of
+    dilation 3 spans 7 positions, so on 4^3 it mostly saw zero padding)."""
+    from monai.bundle import ConfigParser
+
+    from medssl.bundles import bundles_dir
+
+    parser = ConfigParser()
+    parser.read_config(str(bundles_dir() / "slem" / "configs" / "train.json"))
+    parser.update({"device": "$torch.device('cpu')"})
+    roi, dilations = parser.get_parsed_content("roi_size"), parser.get_parsed_content("fusion_dilations")
+    net = parser.get_parsed_content("network_def")
+    shape = _cfb_input_shape(net, torch.zeros(1, 4, *roi))
+    assert min(shape[2:]) >= 2 * max(dilations) + 1, shape
+    inference = ConfigParser()
+    inference.read_config(str(bundles_dir() / "slem" / "configs" / "inference.json"))
+    assert inference.get_parsed_content("network_def").fusion_level == net.fusion_level
+    old = CFBUNet(3, 4, 3, net.channels, net.strides, fusion_level=len(net.channels) - 1, fusion_dilations=dilations)
+    assert min(old.fusion_size(roi)) < 2 * max(dilations) + 1
 
 
 def test_encoder_head_classifier_transfers_backbone_weights(tmp_path):

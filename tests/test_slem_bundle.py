@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medssl.contract import stage_files
-from medssl.networks import CFBUNet, EncoderHead
+from medssl.networks import BlockMixHead, CFBUNet
 from medssl.transforms import RandContextSwapd, RandModalityBlockMixd
 
 from conftest import TINY, bundle_runner, check_metadata_and_export, damage_missing_t1ce
@@ -54,6 +54,19 @@ def test_pretext_pretraining_saves_the_segmentation_network_with_its_cfb(runs):
     assert [k for k in pre if pre[k].shape != cr[k].shape] == ["model.2.conv.weight", "model.2.conv.bias"]
 
 
+def test_pretext_accuracy_and_fine_tuning_curves_are_logged(runs):
+    """The block-mix pretraining logs its classification accuracy per step (the harness's pretext curves);
+    context restoration logs its loss only; fine-tuning writes its loss and validation curve."""
+    curve = json.loads((runs / "pretrain" / "pretrain_curve.json").read_text())
+    acc = curve["metrics"]["train_accuracy"]
+    assert [i for i, _ in acc] == [1, 2] and all(0.0 <= v <= 1.0 for _, v in acc)
+    assert len(curve["loss"]) == 2
+    cr = json.loads((runs / "pretrain_cr" / "pretrain_curve.json").read_text())
+    assert len(cr["loss"]) == 2 and "train_accuracy" not in cr["metrics"]
+    train = json.loads((runs / "train" / "train_curve.json").read_text())
+    assert len(train["loss"]) == 2 and len(train["metrics"]["val_mean_dice"]) == 1
+
+
 def test_fine_tune_starts_from_the_pretrained_encoder_and_cfb(runs):
     parser = _parser("train", pretrained_ckpt=str(runs / "pretrain" / "pretrained.pt"))
     own = parser.get_parsed_content("init_network").state_dict()
@@ -82,7 +95,7 @@ def test_export_and_metadata(runs, tmp_path):
 
 
 @pytest.mark.parametrize("pretext,network,loss,out_channels,transform", [
-    ("block_mix", EncoderHead, torch.nn.CrossEntropyLoss, 3, RandModalityBlockMixd),
+    ("block_mix", BlockMixHead, torch.nn.CrossEntropyLoss, 3, RandModalityBlockMixd),
     ("context_restoration", CFBUNet, torch.nn.MSELoss, 4, RandContextSwapd),
 ])
 def test_the_pretext_switch_picks_network_loss_head_and_transforms_together(pretext, network, loss, out_channels,
@@ -93,7 +106,7 @@ def test_the_pretext_switch_picks_network_loss_head_and_transforms_together(pret
     net = parser.get_parsed_content("network")
     assert type(net) is network and isinstance(parser.get_parsed_content("loss"), loss)
     assert parser.get_parsed_content("network_def").out_channels == out_channels
-    if network is EncoderHead:
+    if network is BlockMixHead:
         assert net.backbone is parser.get_parsed_content("network_def")  # pretrained.pt is the backbone
     random = parser.get_parsed_content("train#random_transforms")
     assert isinstance(random[-1], transform)
@@ -129,3 +142,29 @@ def test_a_case_with_three_of_four_modalities_stops_before_training(brats_copy, 
                       check=False)
         assert r.returncode != 0 and f"{bad}: {expectation}" in r.stderr
         assert not (tmp_path / stage).exists(), "training started"
+
+
+def test_every_benchmark_variant_differs_from_baseline_in_exactly_one_factor():
+    """The harness compares each variant with ``baseline`` case by case: each such pair must isolate one
+    factor (the pretext, the CFB), and method vs context_restoration only the pretext."""
+    from medssl.apps.benchmark import load_spec
+
+    spec = load_spec("slem")
+    defaults = _parser("train").get_parsed_content("init"), _parser("train").get_parsed_content("context_fusion")
+
+    def factors(name):
+        v = spec.variants[name]
+        train = {"init": defaults[0], "context_fusion": defaults[1], **v.train}
+        weights = v.pretrain if train.pop("init") == "method" else None
+        assert (weights is None) == (v.pretrain is None), f"{name}: init=method needs a pretraining and only then"
+        return {"weights": weights, **train}
+
+    base = factors("baseline")
+    assert base == {"weights": None, "context_fusion": True}  # the CFB net from scratch
+    differ = {name: sorted(k for k in base.keys() | factors(name).keys() if base.get(k) != factors(name).get(k))
+              for name in spec.names if name != "baseline"}
+    assert differ == {"method": ["weights"], "no_cfb": ["context_fusion"], "context_restoration": ["weights"]}
+    assert factors("method")["weights"] == "block_mix" and factors("context_restoration")["weights"] == "context_restoration"
+    assert spec.pretrainings == {"block_mix": {}, "context_restoration": {"pretext": "context_restoration"}}
+    for budget in spec.budgets.values():  # both pretexts get the same pretraining budget
+        assert set(budget["pretrain"]) <= {"max_epochs", "epoch_length"}
