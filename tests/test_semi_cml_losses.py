@@ -230,3 +230,71 @@ def test_mutual_softmax_and_reductions(masks):
     assert MutualLearningLoss()(la[..., 20], lb[..., 20]) > 0
     with pytest.raises(ValueError):
         MutualLearningLoss()(la, lb[:2])
+
+
+# ---- negatives of the area-similarity contrastive loss: other cases only, and enough of them ---------------------
+
+
+def _anchor_grads(loss, la, lb, ids, anchor):
+    """Gradients of crop ``anchor``'s loss with respect to both networks' logits of every crop."""
+    la, lb = la.clone().requires_grad_(), lb.clone().requires_grad_()
+    loss(la, lb, case_ids=ids)[anchor].backward()
+    return la.grad.flatten(1).abs().sum(1) + lb.grad.flatten(1).abs().sum(1)
+
+
+def test_asc_never_contrasts_two_crops_of_one_case(masks):
+    """Crops 0 and 1 come from the same case (as a labelled crop and an unlabelled crop of one case do in a
+    Semi-CML step): neither is a negative of the other, so crop 0's loss does not depend on crop 1 at all,
+    while it does on the crops of other cases; the mask says the same."""
+    la, lb = pair(masks[:4])
+    ids = ["caseA", "caseA", "caseB", "caseC"]
+    loss = AreaSimilarityContrastiveLoss(reduction="none")
+    grads = _anchor_grads(loss, la, lb, ids, anchor=0)
+    assert grads[1] == 0 and (grads[[0, 2, 3]] > 0).all()
+    mask = loss.negative_mask(loss.case_index(ids, 4), loss.case_index(ids, 4))
+    assert mask.tolist() == [[False, False, True, True], [False, False, True, True],
+                             [True, True, False, True], [True, True, True, False]]
+    assert loss.last_negatives.tolist() == [2, 2, 3, 3]
+    # the old behaviour (every crop its own case) did contrast them: the defect this guards against
+    assert _anchor_grads(AreaSimilarityContrastiveLoss(reduction="none"), la, lb, None, anchor=0)[1] > 0
+
+
+def test_asc_queue_gives_every_crop_at_least_min_negatives_from_other_cases(masks):
+    """Steps of 4 crops from 2 cases (2 crops each, one case recurring every step, as the labelled case at 10%
+    labels does): with a queue of earlier crops keyed by case, after warm-up every crop has at least
+    ``min_negatives`` negatives, none of its own case; crops with fewer are left out of the loss (0)."""
+    la, lb = pair(masks)
+    loss = AreaSimilarityContrastiveLoss(queue_size=24, min_negatives=10, reduction="none")
+    names = [f"case{i}" for i in range(N_CASES)]
+    for step in range(8):
+        other = 1 + step % (N_CASES - 1)
+        rows = [0, 0, other, other]
+        ids = [names[r] for r in rows]
+        queued_ids = None if loss.queue_ids is None else loss.queue_ids.clone()
+        per_crop = loss(la[rows], lb[rows], case_ids=ids)
+        index = loss.case_index(ids, 4)
+        keys = index if queued_ids is None else torch.cat([index, queued_ids])
+        negative = loss.negative_mask(index, keys)
+        assert not (negative & (index[:, None] == keys[None])).any(), "a negative from the crop's own case"
+        assert torch.equal(loss.last_negatives, negative.sum(1))
+        kept = loss.last_negatives >= 10
+        assert (per_crop[~kept] == 0).all() and (per_crop[kept] > 0).all()
+        if step >= 4:  # 16+ queued crops of 5+ cases
+            assert kept.all() and loss.last_negatives.min() >= 10, (step, loss.last_negatives)
+    assert (loss.queue_ids >= 0).all() and len(loss.queue_ids) == 24
+    with pytest.raises(ValueError, match="case id"):
+        loss(la[:2], lb[:2])
+
+
+def test_asc_queue_is_in_the_state_dict(masks):
+    """A resumed run continues the memory bank: a fresh loss loaded from the state dict gives the same value."""
+    la, lb = pair(masks)
+    ids = [f"case{i}" for i in range(N_CASES)]
+    first = AreaSimilarityContrastiveLoss(queue_size=16, min_negatives=4)
+    first(la[:4], lb[:4], case_ids=ids[:4])
+    second = AreaSimilarityContrastiveLoss(queue_size=16, min_negatives=4)
+    second.load_state_dict(first.state_dict())
+    torch.testing.assert_close(second(la[4:], lb[4:], case_ids=ids[4:]), first(la[4:], lb[4:], case_ids=ids[4:]))
+    assert torch.equal(second.queue_ids, first.queue_ids)
+    with pytest.raises(ValueError, match="queue_size"):
+        AreaSimilarityContrastiveLoss(queue_size=8).load_state_dict(first.state_dict())

@@ -43,7 +43,7 @@ def slices(brats_dir):
             a = np.asarray(load(path))[y0:y0 + 64, x0:x0 + 64, z].astype(np.float32)
             img.append((a - a[a > 0].mean()) / (a[a > 0].std() + 1e-6) * (a > 0))
         lab = seg[y0:y0 + 64, x0:x0 + 64, z][None].astype(np.float32)
-        out.append({"image": torch.as_tensor(np.stack(img)), "label": torch.as_tensor(lab)})
+        out.append({"image": torch.as_tensor(np.stack(img)), "label": torch.as_tensor(lab), "case": case["case"]})
     return out
 
 
@@ -60,7 +60,7 @@ def _trainer(net, iteration, loader, steps=3):
 
 def _loaders(slices):
     labelled = DataLoader(slices[:2], batch_size=2, shuffle=True)
-    unlabelled = DataLoader([{"image": s["image"]} for s in slices], batch_size=2, shuffle=True)
+    unlabelled = DataLoader([{"image": s["image"], "case": s["case"]} for s in slices], batch_size=2, shuffle=True)
     return labelled, unlabelled
 
 
@@ -102,6 +102,56 @@ def test_semi_cml_trains_both_networks_on_both_streams(slices):
     out = trainer.state.output[0]  # decollated like MONAI's own iteration output
     assert {"loss", "supervised_loss", "mutual_loss", "contrastive_loss"} <= set(out)
     assert np.isfinite(float(out["loss"])) and float(out["mutual_loss"]) > 0
+
+
+class _RecordingASC(AreaSimilarityContrastiveLoss):
+    """The contrastive loss, recording the case ids and negative counts of each call."""
+
+    calls: list
+
+    def forward(self, logits_a, logits_b, case_ids=None):
+        out = super().forward(logits_a, logits_b, case_ids=case_ids)
+        self.calls = getattr(self, "calls", []) + [(list(case_ids), self.last_negatives.tolist())]
+        return out
+
+
+def test_semi_cml_never_contrasts_a_labelled_crop_with_its_own_unlabelled_crop(slices):
+    """Every step here draws the same two cases in both streams (the labelled cases are unlabelled cases
+    too, as in the bundle's datalists): each of the 4 crops has exactly the 2 crops of the other case as
+    negatives, never the crop of its own case from the other stream (before the fix: 3 negatives)."""
+    net = _paired()
+    labelled = DataLoader(slices[:2], batch_size=2, shuffle=False)
+    unlabelled = DataLoader([{"image": s["image"], "case": s["case"]} for s in slices[:2]], batch_size=2)
+    opts = net.optimizers(lambda p: torch.optim.Adam(p, 1e-3))
+    asc = _RecordingASC(grid=2)
+    it = SemiCMLIteration(CHANNELS, opts, DiceCELoss(sigmoid=True), unlabelled, MutualLearningLoss(), asc)
+    trainer = _trainer(net, it, labelled, steps=2)
+    trainer.run()
+    cases = [slices[0]["case"], slices[1]["case"]] * 2
+    assert asc.calls == [(cases, [2, 2, 2, 2])] * 2
+    assert float(trainer.state.output[0]["asc_negatives"]) == 2.0 and float(trainer.state.output[0]["asc_kept"]) == 1.0
+    no_ids = DataLoader([{"image": s["image"], "label": s["label"]} for s in slices[:2]], batch_size=2)
+    it = SemiCMLIteration(CHANNELS, opts, DiceCELoss(sigmoid=True), unlabelled, MutualLearningLoss(), asc)
+    with pytest.raises(ValueError, match="'case' key"):
+        _trainer(net, it, no_ids, steps=1).run()
+
+
+def test_prel_equal_step_control_trains_the_same_student_on_labels_only(slices):
+    """``pseudo_weight=0`` (the benchmark's equal-step control of PReL): the same student and teacher, the same
+    steps, but no pseudo-label term - the unlabelled stream is never drawn and the teacher stays frozen."""
+    net = _paired()
+    labelled, unlabelled = _loaders(slices)
+    unl = _Counting(unlabelled)
+    opts = net.optimizers(lambda p: torch.optim.Adam(p, 1e-3))
+    before = {m: _params(net.member(m)) for m in CHANNELS}
+    it = PseudoLabelIteration(CHANNELS, opts, DiceCELoss(sigmoid=True), DiceCELoss(sigmoid=True), unl,
+                              pseudo_weight=0.0, teacher="t2")
+    trainer = _trainer(net, it, labelled, steps=3)
+    trainer.run()
+    assert unl.drawn == 0 and trainer.state.iteration == 3 and list(it.optimizers) == ["flair"]
+    assert not _changed(before["t2"], net.member("t2")) and _changed(before["flair"], net.member("flair"))
+    out = trainer.state.output[0]
+    assert float(out["pseudo_loss"]) == 0 and float(out["loss"]) == pytest.approx(float(out["supervised_loss"]))
 
 
 def test_supervised_only_never_touches_the_unlabelled_stream(slices):

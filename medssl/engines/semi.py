@@ -86,16 +86,20 @@ class TwoStreamIteration:
         unlabelled_loader: loader of the unlabelled stream (its batches need the same image layout); None
             when the subclass does not use one.
         image_key, label_key: the batch keys.
+        case_key: the batch key of each crop's case id (a datalist's ``case``), where a loss needs it.
         rampup_iterations: warm-up length of the unsupervised weights (:func:`sigmoid_rampup`).
     """
 
     uses_unlabelled = True
+    terms: tuple[str, ...] = ()  # the loss terms of ``engine.state.output`` besides ``loss``, for the curves
 
     def __init__(self, channels: Mapping[str, int], optimizers: Mapping[str, torch.optim.Optimizer],
                  unlabelled_loader=None, image_key: str = "image", label_key: str = "label",
-                 rampup_iterations: int = 0):
+                 rampup_iterations: int = 0, case_key: str = "case"):
         self.image_keys = {name: int(c) for name, c in channels.items()}
         self.image_key = image_key
+        self.case_key = case_key
+        self.cases: list[str] | None = None
         unknown = sorted(set(optimizers) - set(self.image_keys))
         if unknown:
             raise ValueError(f"optimisers for unknown networks {unknown}; networks: {sorted(self.image_keys)}")
@@ -106,6 +110,24 @@ class TwoStreamIteration:
 
     def weight(self, engine) -> float:
         return sigmoid_rampup(engine.state.iteration, self.rampup_iterations)
+
+    @property
+    def curve_keys(self) -> list[str]:
+        """``["loss", *terms]``: the output keys a :class:`medssl.engines.CurveLog` logs for this iteration."""
+        return ["loss", *self.terms]
+
+    def case_ids(self, labelled: dict, unlabelled: dict | None) -> list[str] | None:
+        """The case of every crop of the iteration, labelled then unlabelled (``case_key`` of the batches, one
+        entry per crop), or None where a batch has no ``case_key``."""
+        out = []
+        for batch in (labelled, unlabelled):
+            if batch is None:
+                continue
+            if self.case_key not in batch:
+                return None
+            ids = batch[self.case_key]
+            out.extend([ids] if isinstance(ids, (str, int)) else [str(i) for i in ids])
+        return out
 
     def inputs(self, batch: dict, device) -> dict[str, torch.Tensor]:
         image = batch[self.image_key].to(device)
@@ -119,7 +141,9 @@ class TwoStreamIteration:
         nets = _unwrap(engine.network)
         nets = getattr(nets, "networks", nets)  # a PairedNetwork or a ModuleDict
         labelled, label = self.inputs(batchdata, device), batchdata[self.label_key].to(device)
-        unlabelled = self.inputs(next(self.unlabelled), device) if self.unlabelled is not None else None
+        ubatch = next(self.unlabelled) if self.unlabelled is not None else None
+        unlabelled = self.inputs(ubatch, device) if ubatch is not None else None
+        self.cases = self.case_ids(batchdata, ubatch)
         out = engine.state.output = {"label": label}
         for name in self.optimizers:
             nets[name].train()
@@ -142,19 +166,26 @@ class SemiCMLIteration(TwoStreamIteration):
     + contrastive_weight * contrastive(f_A(x_A), f_B(x_B)))``, the last two on the labelled and the
     unlabelled cases of the iteration together (labels unused there); ``w(t)`` is the sigmoid ramp-up.
     Both weights 0 (or no ``unlabelled_loader``) trains the two networks on labels only.
+
+    The contrastive loss gets the case id of every crop (``case_key`` of both batches: crops of one case
+    are never negatives of each other, :class:`medssl.losses.AreaSimilarityContrastiveLoss`); a batch
+    without it stops with an error. ``asc_negatives`` (mean negatives per crop) and ``asc_kept`` (the
+    fraction of crops with enough negatives) are in the output for the curves.
     """
 
     def __init__(self, channels, optimizers, supervised_loss: nn.Module, unlabelled_loader=None,
                  mutual_loss: nn.Module | None = None, contrastive_loss: nn.Module | None = None,
                  mutual_weight: float = 1.0, contrastive_weight: float = 0.1, image_key: str = "image",
-                 label_key: str = "label", rampup_iterations: int = 0):
+                 label_key: str = "label", rampup_iterations: int = 0, case_key: str = "case"):
         if len(channels) != 2:
             raise ValueError(f"Semi-CML trains exactly two networks (one per modality), got {list(channels)}")
         self.mutual_weight = float(mutual_weight) if mutual_loss is not None else 0.0
         self.contrastive_weight = float(contrastive_weight) if contrastive_loss is not None else 0.0
         self.uses_unlabelled = bool(self.mutual_weight or self.contrastive_weight)
-        super().__init__(channels, optimizers, unlabelled_loader, image_key, label_key, rampup_iterations)
+        super().__init__(channels, optimizers, unlabelled_loader, image_key, label_key, rampup_iterations, case_key)
         self.supervised_loss, self.mutual_loss, self.contrastive_loss = supervised_loss, mutual_loss, contrastive_loss
+        self.terms = ("supervised_loss", *(["mutual_loss"] if self.mutual_weight else []),
+                      *(["contrastive_loss", "asc_negatives", "asc_kept"] if self.contrastive_weight else []))
 
     def losses(self, engine, nets, labelled, label, unlabelled):
         a, b = self.image_keys
@@ -165,10 +196,23 @@ class SemiCMLIteration(TwoStreamIteration):
         out = {"pred": logits[a][:n], "supervised_loss": sup}
         zero = torch.zeros((), device=label.device)
         mutual = self.mutual_loss(logits[a], logits[b]) if self.mutual_weight else zero
-        contrast = self.contrastive_loss(logits[a], logits[b]) if self.contrastive_weight else zero
+        negatives = kept = zero
+        if self.contrastive_weight:
+            if self.cases is None:
+                raise ValueError(f"the contrastive loss needs the case of every crop, but a batch has no "
+                                 f"{self.case_key!r} key; expected datalist items with {self.case_key!r} (crops of one "
+                                 f"case must never be negatives of each other)")
+            contrast = self.contrastive_loss(logits[a], logits[b], case_ids=self.cases)
+            counts = getattr(self.contrastive_loss, "last_negatives", None)
+            if counts is not None:
+                negatives = counts.float().mean()
+                kept = (counts >= max(getattr(self.contrastive_loss, "min_negatives", 1), 1)).float().mean()
+        else:
+            contrast = zero
         w = self.weight(engine)
         out.update(loss=sup + w * (self.mutual_weight * mutual + self.contrastive_weight * contrast),
-                   mutual_loss=mutual, contrastive_loss=contrast, unsupervised_weight=torch.tensor(w))
+                   mutual_loss=mutual, contrastive_loss=contrast, unsupervised_weight=torch.tensor(w),
+                   asc_negatives=negatives, asc_kept=kept)
         return out
 
 
@@ -185,6 +229,7 @@ class MeanTeacherIteration(TwoStreamIteration):
                  rampup_iterations: int = 0):
         super().__init__(channels, optimizers, unlabelled_loader, image_key, label_key, rampup_iterations)
         self.supervised_loss = supervised_loss
+        self.terms = ("supervised_loss", "consistency_loss")
         self.consistency_weight, self.ema_decay, self.noise_std = float(consistency_weight), float(ema_decay), float(noise_std)
         members = getattr(_unwrap(networks), "networks", networks)
         self.teachers = nn.ModuleDict({m: copy.deepcopy(members[m]) for m in self.image_keys})
@@ -229,14 +274,20 @@ class PseudoLabelIteration(TwoStreamIteration):
     ``sigmoid(teacher(x_T^U))`` on the unlabelled cases from its own modality; the other network
     (the student) minimises ``supervised(student(x_S^L), y) + pseudo_weight * pseudo(student(x_S^U),
     pseudo-labels)``. ``teacher`` may be set later (:class:`ChooseStronger` does, by validation Dice);
-    only the student's optimiser steps."""
+    only the student's optimiser steps.
+
+    ``pseudo_weight=0`` is PReL's equal-step control: the same student, chosen the same way from the same
+    networks, trained for the same steps on its labelled cases only (the unlabelled stream and the
+    teacher's forward pass are then skipped)."""
 
     def __init__(self, channels, optimizers, supervised_loss: nn.Module, pseudo_loss: nn.Module,
                  unlabelled_loader=None, pseudo_weight: float = 1.0, teacher: str | None = None,
                  image_key: str = "image", label_key: str = "label", rampup_iterations: int = 0):
+        self.uses_unlabelled = bool(float(pseudo_weight))
         super().__init__(channels, optimizers, unlabelled_loader, image_key, label_key, rampup_iterations)
         self.all_optimizers = dict(optimizers)
         self.supervised_loss, self.pseudo_loss, self.pseudo_weight = supervised_loss, pseudo_loss, float(pseudo_weight)
+        self.terms = ("supervised_loss", *(["pseudo_loss"] if self.pseudo_weight else []))
         self.teacher: str | None = None
         if teacher is not None:
             self.set_teacher(teacher)
@@ -317,27 +368,33 @@ class ChooseStronger:
 
 
 def checkpoint_dict(network: nn.Module, best_model, optimizers: Mapping[str, torch.optim.Optimizer],
-                    lr_schedulers: Sequence, iteration=None) -> dict:
+                    lr_schedulers: Sequence, iteration=None, **others) -> dict:
     """The ``save_dict`` of a resumable checkpoint of the several-network engines here: the
     :class:`~medssl.networks.PairedNetwork` (``network``), the best-model saver (``best_model``), each
     network's optimiser and learning-rate scheduler (``optimizer_<name>``, ``lr_scheduler_<name>``;
     ``lr_schedulers`` in the order of ``optimizers``) and, when the ``iteration`` keeps networks of its
-    own (the teachers of :class:`MeanTeacherIteration`), those as ``teachers``, so that a resumed run
-    continues every piece of state."""
+    own (the teachers of :class:`MeanTeacherIteration`), those as ``teachers``, and its contrastive loss where
+    that holds state (the memory bank of :class:`medssl.losses.AreaSimilarityContrastiveLoss`) as
+    ``contrastive_loss``, plus ``others`` (e.g. the early stopping and curve handlers), so that a resumed
+    run continues every piece of state."""
     if len(lr_schedulers) != len(optimizers):
         raise ValueError(f"{len(optimizers)} optimisers ({', '.join(optimizers)}) but {len(lr_schedulers)} "
                          "learning-rate schedulers; expected one per network")
     teachers = getattr(iteration, "teachers", None)
+    contrastive = getattr(iteration, "contrastive_loss", None)
+    stateful = getattr(contrastive, "queue_size", 0) and getattr(iteration, "contrastive_weight", 0)
     return dict(network=network, best_model=best_model, **{f"optimizer_{m}": o for m, o in optimizers.items()},
                 **{f"lr_scheduler_{m}": s for m, s in zip(optimizers, lr_schedulers)},
-                **({"teachers": teachers} if teachers is not None else {}))
+                **({"teachers": teachers} if teachers is not None else {}),
+                **({"contrastive_loss": contrastive} if stateful else {}), **others)
 
 
 def keep_networks(checkpoint: str, ckpt_dir: str) -> str:
     """What the PReL stage does when the datalist has no unlabelled case (e.g. 100% labels): there is
     nothing to pseudo-label, so the contrastive-mutual-learning networks are kept unchanged - the
-    checkpoint and its per-member files (``model.pt``, ``model_<name>.pt``) copied atomically into
-    ``ckpt_dir`` - with a warning instead of an error, so that a pipeline train -> prel -> evaluate runs
+    checkpoint and its per-member files (``model.pt``, ``model_<name>.pt``, the step snapshots
+    ``model_step<N>.pt``) and its ``train_curve.json`` copied atomically into ``ckpt_dir``, so that a
+    training length chosen on validation picks the same model - with a warning instead of an error, so that a pipeline train -> prel -> evaluate runs
     at every label fraction."""
     import shutil
     from pathlib import Path
@@ -347,6 +404,7 @@ def keep_networks(checkpoint: str, ckpt_dir: str) -> str:
     src = Path(checkpoint)
     logger.warning(f"PReL: the datalist has no unlabelled training case, so there is nothing to re-learn from; "
                    f"keeping the networks of {src} unchanged -> {ckpt_dir}")
-    for f in [src, *sorted(src.parent.glob(f"{src.stem}_*.pt"))]:
+    curve = [src.parent / "train_curve.json"] if (src.parent / "train_curve.json").is_file() else []
+    for f in [src, *sorted(src.parent.glob(f"{src.stem}_*.pt")), *curve]:
         atomic_write(Path(ckpt_dir) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
     return str(Path(ckpt_dir) / src.name)
