@@ -8,6 +8,6 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 SCHEMA_FILE = PACKAGE_DIR / "schemas" / "meta_schema.json"
 
 from . import utils  # noqa: E402
-from . import data, engines, losses, networks, transforms  # noqa: E402
+from . import bundles, data, engines, losses, networks, transforms  # noqa: E402
 
-__all__ = ["data", "engines", "losses", "networks", "transforms", "utils", "__version__"]
+__all__ = ["bundles", "data", "engines", "losses", "networks", "transforms", "utils", "__version__"]

@@ -69,9 +69,13 @@ def stage_settings(bundle: str, stage: str) -> dict:
     """The settings a user can override on ``stage`` of ``bundle`` (``--id value``): its configs' top-level
     ids whose defaults are plain values (numbers, strings, booleans, lists of them; the overlays' values
     win), not the objects the stage builds."""
+    return _plain_settings(stage_config_files(bundle_path(bundle), stage))
+
+
+def _plain_settings(files) -> dict:
     merged = {}
-    for f in stage_config_files(bundle_path(bundle), stage):
-        merged.update(json.loads(f.read_text()))
+    for f in files:
+        merged.update(json.loads(Path(f).read_text()))
 
     def plain(v):
         return v is None or isinstance(v, (bool, int, float, str)) or (
@@ -81,13 +85,16 @@ def stage_settings(bundle: str, stage: str) -> dict:
 
 
 class SettingError(ValueError):
-    """A stage setting given a value of the wrong kind (``medssl run``)."""
+    """A stage setting given a value of the wrong kind."""
 
 
 def check_overrides(bundle: str, stage: str, overrides: dict) -> None:
     """Refuse, naming the setting, an override whose value cannot be what its default is: a number for a
     numeric default, true/false for a boolean, a list for a list (an expression ``$...`` passes as is)."""
-    defaults = stage_settings(bundle, stage)
+    _check_kinds(stage_settings(bundle, stage), overrides, f"{bundle} {stage}")
+
+
+def _check_kinds(defaults: dict, overrides: dict, where: str) -> None:
     for key, value in overrides.items():
         if key not in defaults or (isinstance(value, str) and value.startswith(("$", "@"))):
             continue
@@ -99,8 +106,38 @@ def check_overrides(bundle: str, stage: str, overrides: dict) -> None:
               else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
               else isinstance(value, (list, tuple)) if isinstance(default, list) else True)
         if not ok:
-            raise SettingError(f"setting {key!r} of {bundle} {stage}: got {value!r}, expected {expected} "
+            raise SettingError(f"setting {key!r} of {where}: got {value!r}, expected {expected} "
                                f"(default {json.dumps(default)})")
+
+
+def check_command_line(bundle_root: str) -> bool:
+    """Under ``python -m monai.bundle run`` (a config's first ``initialize`` expression calls this): the
+    ``--id value`` settings of its command line checked as :func:`check_overrides` does, against the
+    defaults of the ``--config_file`` files; a bad one prints one line and exits with code 2, before
+    anything is built. Elsewhere (``medssl run``, which checks its own; the harness) it does nothing."""
+    import sys
+
+    from fire.parser import DefaultParseValue
+
+    if not sys.argv or not sys.argv[0].replace("\\", "/").endswith("monai/bundle/__main__.py"):
+        return True
+    args, overrides = sys.argv[1:], {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "True"
+            overrides[key.replace("-", "_")] = DefaultParseValue(value)
+    files = overrides.pop("config_file", [])
+    files = [files] if isinstance(files, str) else list(files)
+    for key in ("meta_file", "logging_file", "bundle_root", "args_file"):
+        overrides.pop(key, None)
+    try:
+        _check_kinds(_plain_settings(Path(f) for f in files), overrides, f"bundle {Path(bundle_root).resolve().name}")
+    except SettingError as e:
+        print(f"monai.bundle run: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return True
 
 
 def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, **overrides):

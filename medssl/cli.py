@@ -145,7 +145,7 @@ class CLI:
             out: the output folder (also the resume state).
             variants: comma-separated variants to train now (default all); finished runs of others are reported.
             reevaluate: re-run only the evaluation of the finished runs (models and training times kept).
-            workers: folds trained at once in separate processes (a GPU or many-core machine).
+            workers: runs trained at once in separate processes (a GPU or many-core machine).
         """
         from .apps.benchmark import run_benchmark
         run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds or None, seed=seed, budget=budget,

@@ -171,8 +171,8 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
 
 
 @pytest.mark.slow
-def test_folds_trained_in_parallel_workers_give_the_sequential_numbers(tmp_path, brats_copy):
-    """--workers 2 trains the two folds in two processes (each with half of this process's threads); with
+def test_runs_trained_in_parallel_workers_give_the_sequential_numbers(tmp_path, brats_copy):
+    """--workers 2 trains two runs at a time in their own processes (each with half of this process's threads); with
     one thread each way, every case's Dice equals a sequential run's."""
     import torch
 
@@ -264,7 +264,9 @@ def test_every_bundle_runs_through_the_harness(bundle, tmp_path, brats_copy, nuc
         tested = sorted(c.split("/")[0] for r in res["runs"] if r["variant"] == name for c in r["cases"])
         assert set(tested) == {p.name.split(".")[0] for p in (data.iterdir() if spec.dataset == "brats18_2mm"
                                                               else (data / "images").iterdir())}
-    assert {c["variant"] for c in res["comparisons"]} == set(spec.names) - {"baseline"}
+    assert {c["variant"] for c in res["comparisons"] if c["baseline"] == "baseline"} == set(spec.names) - {"baseline"}
+    assert {(c["variant"], c["baseline"]) for c in res["comparisons"] if c["baseline"] != "baseline"} == \
+        {(p["variant"], p["against"]) for p in spec.pairs.values() if p["against"] != "baseline"}  # the spec's pairs
     assert (tmp_path / "bench" / "results.md").is_file()
 
 

@@ -95,3 +95,15 @@ def test_without_data_the_tests_stop_at_once_with_one_line(tmp_path):
                        env={**os.environ, "MEDSSL_DATA_DIR": str(tmp_path / "none")})
     assert r.returncode == 4 and "passed" not in r.stdout and "error" not in r.stdout.lower().replace("exit:", "")
     assert f"the tests need the real data sets brats18_2mm, dsb2018_nuclei under {tmp_path / 'none'}" in r.stdout
+
+
+def test_monai_bundle_run_refuses_a_bad_setting_in_one_line(tmp_path):
+    """The same check under MONAI's own runner (every config's first ``initialize`` expression)."""
+    bundle = REPO / "bundles" / "context_restoration"
+    r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                        "['configs/train.json','configs/evaluate.json']", "--seed", "x", "--ckpt_dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=bundle)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("monai.bundle run: setting 'seed' of bundle context_restoration: got 'x', "
+                                                 "expected an integer (default 0)")
+    assert not list(tmp_path.iterdir())  # refused before anything was built or written

@@ -67,8 +67,12 @@ class BenchmarkSpec:
     reference: tuple[str, float] | None = None
     folds: int = 5  # k of the k-fold cross-validation
     notes: str = ""
-    # name -> {"variant", "fraction", "fold", "steps": [pretraining lengths]}: see :func:`run_sweep`
+    # name -> {"variant", "fraction", "fold", "steps": [pretraining lengths]}: see :func:`run_sweep`; or
+    # {"variant", "fraction", "fold", "override": config id, "values": [...], ...}: see :func:`run_override_sweep`
     sweeps: dict = field(default_factory=dict)
+    # name -> {"variant", "against", "notes"}: a paired comparison of two variants other than with
+    # ``baseline`` (e.g. a method against its equal-step control), reported with the baseline comparisons
+    pairs: dict = field(default_factory=dict)
 
     def for_layout(self, layout: str) -> tuple[list[str], dict, dict, int]:
         """(regions, stage overrides, split keyword arguments, folds) for a data set of ``layout``."""
@@ -91,6 +95,10 @@ class BenchmarkSpec:
                            f"{sorted(self.pretrainings)}")
             if v.continues is not None and v.continues[0] not in list(self.variants)[:i]:
                 out.append(f"variant {name!r}: continues {v.continues[0]!r}, which is not an earlier variant")
+        for name, pair in self.pairs.items():
+            unknown = [pair.get(k) for k in ("variant", "against") if pair.get(k) not in self.variants]
+            if unknown:
+                out.append(f"pair {name!r}: {unknown} not among the variants {list(self.variants)}")
         return out
 
 
@@ -106,7 +114,8 @@ def load_spec(bundle: str) -> BenchmarkSpec:
     spec = BenchmarkSpec(dataset=raw["dataset"], regions=tuple(raw["regions"]), budgets=raw.get("budgets", {}),
                          variants=variants, pretrainings=raw.get("pretrainings", {}), layouts=raw.get("layouts", {}),
                          reference=tuple(raw["reference"]) if raw.get("reference") else None,
-                         folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""), sweeps=raw.get("sweeps", {}))
+                         folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""), sweeps=raw.get("sweeps", {}),
+                         pairs=raw.get("pairs", {}))
     problems = spec.problems()
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
@@ -354,17 +363,17 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     a costly comparison can be run at fewer fractions than method and baseline into one ``out``.
     ``reevaluate`` runs the evaluation stage again on the finished runs of the selected variants
     (their trained models and training times are kept): for a changed evaluation, without retraining.
-    ``workers`` > 1 trains that many folds at once, each in its own process with its share of this
+    ``workers`` > 1 trains that many runs at once, each in its own process with its share of this
     process's torch threads (for a GPU or many-core machine; the numbers equal a sequential run's only up to the
-    nondeterminism of the device): :func:`_train_folds_in_parallel`.
+    nondeterminism of the device): :func:`_train_in_parallel`.
     """
     spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
                                                  out, logging_file, variants)
     results = ctx.results
     if int(workers) > 1:
-        _train_folds_in_parallel(runs, ctx, int(workers))
+        _train_in_parallel(runs, ctx, int(workers))
     results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir) if r]
-    report(results, spec.names, spec.reference)
+    report(results, spec.names, spec.reference, spec.pairs)
     # a resumed call that trains little must not report its own small footprint as the benchmark's
     results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
     write_reports(results, out_dir)
@@ -408,35 +417,42 @@ def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, p
     return records
 
 
-def _train_fold(runs: list[Run], ctx: Context, threads: int) -> None:
-    """One worker of :func:`_train_folds_in_parallel`: one fold's pretrainings, then its selected variants'
-    trainings, in plan order."""
+def _train_chain(runs: list[Run], ctx: Context, threads: int) -> None:
+    """One task of :func:`_train_in_parallel`: its runs in order (a pretraining; or a variant's training and
+    those of the variants that continue it)."""
     import torch
 
     torch.set_num_threads(threads)
     for run in runs:
         if run.kind == "pretrain":
             execute(run, ctx)
-        elif run.selected:
+        else:
             train_run(run, ctx)
 
 
-def _train_folds_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
-    """Train the folds ``workers`` at a time, each in a spawned process (:func:`_train_fold`); every run
-    leaves its usual files, so :func:`_execute_all` then only selects and evaluates (and a cut run is
-    retrained as ever)."""
+def _train_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
+    """Train ``workers`` runs at a time, each in a spawned process with its share of this process's torch
+    threads: first every pretraining, then every selected variant of every (fold, fraction), one task per
+    variant together with the variants that continue it (:func:`_train_chain`). Every run leaves its usual
+    files, so :func:`_execute_all` then only selects and evaluates (and a cut run is retrained as ever)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    by_fold = {}
-    for run in runs:
-        by_fold.setdefault(run.fold, []).append(run)
     import torch
 
-    threads = max(1, torch.get_num_threads() // workers)  # this process's threads, shared out
+    pretrainings = [[r] for r in runs if r.kind == "pretrain"]
+    chains = {}
+    for run in runs:
+        if run.kind == "variant" and run.selected:
+            first = run.name
+            while ctx.spec.variants[first].continues:
+                first = ctx.spec.variants[first].continues[0]
+            chains.setdefault((run.fold, run.fraction, first), []).append(run)
+    threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for done in [pool.submit(_train_fold, fold_runs, ctx, threads) for fold_runs in by_fold.values()]:
-            done.result()  # a worker's error is raised here
+        for wave in (pretrainings, list(chains.values())):
+            for done in [pool.submit(_train_chain, chain, ctx, threads) for chain in wave]:
+                done.result()  # a worker's error is raised here
 
 
 def _record_pretraining(results: dict, run: Run, record: dict) -> None:
@@ -498,6 +514,8 @@ def run_sweep(bundle: str, data_dir: str, name: str = "pretraining_length", budg
     (fine-tuned test Dice against pretraining steps) to ``out``; resumable like the benchmark."""
     spec = load_spec(bundle)
     sweep = spec.sweeps[name]
+    if "override" in sweep:  # a sweep over one config id's value (e.g. a method's K)
+        return run_override_sweep(bundle, data_dir, name, budget, out, progress, logging_file)
     epoch_length = int(spec.budgets[budget]["pretrain"].get("epoch_length", 1))
     lengths = [int(s) for s in sweep["steps"]]
     pretrainings = {f"{sweep['variant']}_{s}": {**spec.pretrainings[spec.variants[sweep["variant"]].pretrain],
@@ -522,13 +540,52 @@ def run_sweep(bundle: str, data_dir: str, name: str = "pretraining_length", budg
     return result
 
 
-def report(results: dict, names: Sequence[str], reference: tuple[str, float] | None = None) -> dict:
+def run_override_sweep(bundle: str, data_dir: str, name: str, budget: str = "converged", out: str = "sweep_out",
+                       progress: bool = True, logging_file: str | bool | None = None) -> dict:
+    """A sweep of ``bundle`` over the value of one config id (its spec's ``sweeps[name]``: ``override`` the
+    id, ``values``, ``variant``, ``fraction``, ``fold`` (one fold or a list), ``folds``, ``evaluate``
+    (overrides of the evaluation, e.g. ``{"eval_split": "validation"}`` to score every value on the
+    folds' validation cases, never their test cases) and ``report`` (metrics of the evaluation's report
+    to tabulate besides the Dice)): the variant trained once per value, on each listed fold, at that
+    fraction, with the budget. Writes ``sweep.json`` (a row per run; ``summary``: per value, the mean over
+    the folds of the Dice and of each ``report`` metric) and ``sweep.png``; resumable like the benchmark."""
+    spec = load_spec(bundle)
+    sweep = spec.sweeps[name]
+    key, values, base = sweep["override"], list(sweep["values"]), spec.variants[sweep["variant"]]
+    names = {f"{sweep['variant']}_{key}_{v}": v for v in values}
+    variants = {n: Variant({**base.train, key: v, **sweep.get("evaluate", {})}, base.pretrain, base.stage, base.continues)
+                for n, v in names.items()}
+    spec_s = BenchmarkSpec(dataset=spec.dataset, regions=spec.regions, budgets=spec.budgets, layouts=spec.layouts,
+                           pretrainings=spec.pretrainings, folds=spec.folds, variants=variants)
+    _, ctx, runs, out_dir, _ = _prepare(bundle, spec_s, data_dir, [float(sweep["fraction"])], sweep.get("folds"), 0,
+                                        budget, out, logging_file, None)
+    folds = [int(f) for f in _parse_list(sweep.get("fold", 0), int)]
+    metrics = ["mean_dice", *sweep.get("report", [])]
+    rows = [{"value": names[r["variant"]], **r}
+            for r in _execute_all([r for r in runs if r.fold in folds], ctx, budget, False, progress, out_dir) if r]
+    rows.sort(key=lambda r: (values.index(r["value"]), r["fold"]))
+    summary = [{"value": v, "n_folds": len(sel), **{m: _mean([r.get(m) for r in sel], 4) for m in metrics}}
+               for v in values if (sel := [r for r in rows if r["value"] == v])]
+    result = {"bundle": bundle, "sweep": name, "budget": budget, "override": key, "fold": folds,
+              "folds": ctx.results["folds"], "fraction": float(sweep["fraction"]), "variant": sweep["variant"],
+              "split": sweep.get("evaluate", {}).get("eval_split", "test"), "metrics": metrics,
+              "regions": ctx.results["regions"], "summary": summary, "rows": rows}
+    atomic_write_json(result, out_dir / "sweep.json")
+    plot_override_sweep(result, out_dir / "sweep.png")
+    return result
+
+
+def report(results: dict, names: Sequence[str], reference: tuple[str, float] | None = None,
+           pairs: Mapping | None = None) -> dict:
     """Add to ``results`` (its ``runs``, ``fractions`` and ``regions``) the ``summary`` rows, the paired
     ``comparisons`` with ``baseline`` and, given a ``reference`` (variant, fraction), the
     ``ratio_to_reference`` rows; returns ``results``."""
     runs, fractions, regions = results["runs"], results["fractions"], results["regions"]
     results["summary"] = summarise(runs, fractions, names, regions)
     results["comparisons"] = compare(runs, fractions, names, regions)
+    for pair in (pairs or {}).values():  # the spec's other pairs (a pair against baseline is compared above)
+        if pair["against"] != "baseline":
+            results["comparisons"] += compare(runs, fractions, [pair["variant"]], regions, baseline=pair["against"])
     if reference:
         results["reference"] = {"variant": reference[0], "fraction": reference[1]}
         results["ratio_to_reference"] = ratios_to_reference(runs, *reference, regions)
@@ -690,11 +747,13 @@ def results_markdown(results: dict) -> str:
     if results.get("comparisons"):
         lines += ["", "Paired comparison with `baseline` on the same test cases (Dice of the variant minus the "
                   "baseline's, per case, pooled over folds; `mean` = the per-case mean over regions; 95% bootstrap "
-                  "CI over cases; better/worse: the verdict where the CI excludes 0):", "",
+                  "CI over cases; better/worse: the verdict where the CI excludes 0; a row `a vs b`: a pair the bundle's "
+                  "benchmark.json names, b in place of the baseline):", "",
                   "| fraction | variant | region | mean Δ Dice | 95% CI | better/worse cases | verdict |",
                   "|---|---|---|---|---|---|---|"]
         for c in results["comparisons"]:
-            lines.append(f"| {c['fraction']:g} | {c['variant']} | {c['region']} | {_fmt(c['mean'], '+.3f')} | "
+            name = c["variant"] if c["baseline"] == "baseline" else f"{c['variant']} vs {c['baseline']}"
+            lines.append(f"| {c['fraction']:g} | {name} | {c['region']} | {_fmt(c['mean'], '+.3f')} | "
                          f"[{_fmt(c['ci'][0], '+.3f')}, {_fmt(c['ci'][1], '+.3f')}] | {c['better']}/{c['worse']} | "
                          f"{c['verdict']} |")
     if results.get("selected_steps"):
@@ -822,4 +881,25 @@ def plot_sweep(result: dict, path: Path) -> None:
                  f"{result['fold']} of {result['folds']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_override_sweep(result: dict, path: Path) -> None:
+    """An override sweep's metrics against the swept value: one panel per metric, the mean over the folds
+    (line) and each fold's value (dots)."""
+    plt = _pyplot()
+    metrics = result["metrics"]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), dpi=110, squeeze=False)
+    xs = {s["value"]: i for i, s in enumerate(result["summary"])}
+    for ax, m in zip(axes[0], metrics):
+        pts = [(xs[r["value"]], r.get(m)) for r in result["rows"] if r.get(m) is not None]
+        if pts:
+            ax.plot(*zip(*pts), ".", color="grey", alpha=0.6)
+        ax.plot(list(xs.values()), [s[m] for s in result["summary"]], "o-", color="C0")
+        ax.set_xticks(list(xs.values()), [str(v) for v in xs])
+        ax.set_xlabel(result["override"])
+        ax.set_title(f"{m} ({result['split']})", fontsize=9)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{result['bundle']}: {result['variant']} at {result['fraction']:g} of the labels, folds "
+                 f"{result['fold']} of {result['folds']} ({result['budget']} budget)", fontsize=9)
     _save(fig, path)
