@@ -55,13 +55,17 @@ class Data:
               test_fraction: float = 0.3):
         """Write an MSD-style datalist JSON (training with labelled flags / validation / test).
 
+        Cases without a segmentation (no <case>_seg file; no labels/<id>.png) are unlabelled: they all go to
+        training as "labelled": false (pretraining and semi-supervised training use them); validation and
+        test hold labelled cases only.
+
         Args:
             data_dir: the data set folder (BraTS case folders or images/ + labels/).
             out: the datalist JSON to write.
-            label_fraction: share of the training cases whose labels are used (0 < f <= 1).
+            label_fraction: share of the labelled training cases whose labels are used (0 < f <= 1).
             seed: fixes the split.
-            val_fraction: share of the cases held out for validation.
-            test_fraction: share of the cases held out for testing.
+            val_fraction: share of the labelled cases held out for validation.
+            test_fraction: share of the labelled cases held out for testing.
         """
         from .data import LAYOUTS, detect_layout, make_split, write_datalist
 
@@ -69,17 +73,19 @@ class Data:
         split = make_split(cases, label_fraction, seed, val_fraction, test_fraction)
         write_datalist(split, out, data_dir)
         n_lab = sum(c["labelled"] for c in split["training"])
-        return (f"{out}: {len(split['training'])} training ({n_lab} labelled), {len(split['validation'])} validation, "
-                f"{len(split['test'])} test")
+        n_none = sum("label" not in c for c in split["training"])
+        return (f"{out}: {len(split['training'])} training ({n_lab} labelled, {n_none} without a label), "
+                f"{len(split['validation'])} validation, {len(split['test'])} test")
 
     def check(self, data_dir: str, layout: str = ""):
-        """Validate every file of a data directory; report every problem in one pass (exit 1 if any).
+        """Validate every file of a data directory; report every problem in one pass (exit 1 if any). A case
+        without a segmentation is not a problem: it is an unlabelled case (counted in the report).
 
         Args:
             data_dir: the data set folder.
             layout: 'brats' or 'nuclei' (default: detected from the folder).
         """
-        from .data import check_dataset_dir
+        from .data import LAYOUTS, check_dataset_dir, detect_layout
 
         problems = check_dataset_dir(data_dir, layout or None)
         if problems:
@@ -87,7 +93,9 @@ class Data:
             for p in problems:
                 print(f"  {p}", file=sys.stderr)
             raise SystemExit(1)
-        return f"{data_dir}: OK"
+        cases = LAYOUTS[layout or detect_layout(data_dir)](data_dir)
+        n_lab = sum("label" in c for c in cases)
+        return f"{data_dir}: OK, {len(cases)} cases ({n_lab} labelled, {len(cases) - n_lab} without a label)"
 
 
 class CLI:

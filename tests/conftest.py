@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import sys
+from collections import namedtuple
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,24 @@ def damage_nan(root):
 
 
 DAMAGES = [damage_missing_t1ce, damage_shape, damage_spacing, damage_label, damage_truncate, damage_nan]
+
+
+CliResult = namedtuple("CliResult", "returncode stdout stderr")
+
+
+@pytest.fixture
+def medssl(capsys, monkeypatch):
+    """``medssl ARGS`` run in this process: ``CliResult(returncode, stdout, stderr)`` (also unpackable)."""
+    from medssl.cli import main
+
+    def call(*args):
+        monkeypatch.setattr(sys, "argv", ["medssl", *map(str, args)])
+        code = 0
+        try:
+            main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out = capsys.readouterr()
+        return CliResult(code, out.out, out.err)
+
+    return call

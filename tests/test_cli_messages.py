@@ -14,29 +14,6 @@ from medssl.utils import data_root
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-@pytest.fixture
-def medssl(capsys, monkeypatch):
-    """``medssl ARGS`` in this process: its exit code, stdout and stderr."""
-    from medssl.cli import main
-
-    def call(*args):
-        monkeypatch.setattr(sys, "argv", ["medssl", *args])
-        code = 0
-        try:
-            main()
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        out = capsys.readouterr()
-        return Result(code, out.out, out.err)
-
-    return call
-
-
 def test_stage_help_lists_its_settings_with_defaults(medssl):
     r = medssl("run", "context_restoration", "train", "--help")
     assert r.returncode == 0

@@ -6,6 +6,11 @@ read through MONAI's ``LoadImage`` (nibabel, ITK or pydicom reader).
 
 DSB 2018 nuclei: ``<dir>/images/<id>.png`` (RGB/RGBA/grey) and ``<dir>/labels/<id>.png`` (uint16
 instance map, 0 = background).
+
+A case without its segmentation (no ``<case>_seg`` file; no ``labels/<id>.png``) is an *unlabelled* case:
+its dict has no ``label`` key. Splits put such cases in ``training`` only, as ``"labelled": false``
+(:func:`medssl.data.make_split`); pretraining and the unlabelled stream of semi-supervised training use
+them, supervised training and evaluation do not.
 """
 
 from __future__ import annotations
@@ -52,31 +57,38 @@ def brats_case_dirs(dataset_dir: str | Path) -> list[Path]:
 
 
 def brats_cases(dataset_dir: str | Path, modalities=BRATS_MODALITIES, with_label: bool = True) -> list[dict]:
-    """One dict per case: ``{"case", "image": [modality paths], "label": seg path}``.
+    """One dict per case: ``{"case", "image": [modality paths], "label": seg path}``, without ``label``
+    for a case that has no seg file (an unlabelled case) or when ``with_label`` is false.
 
-    Absolute paths; a missing file is reported under its expected name so that
+    Absolute paths; a missing modality is reported under its expected name so that
     :func:`medssl.data.check_cases` can name it.
     """
     cases = []
     for d in brats_case_dirs(dataset_dir):
         paths = [find_modality(d, d.name, m) or expected_modality_path(d, d.name, m) for m in modalities]
         item = {"case": d.name, "image": [str(p) for p in paths]}
-        if with_label:
-            item["label"] = str(find_modality(d, d.name, "seg") or expected_modality_path(d, d.name, "seg"))
+        seg = find_modality(d, d.name, "seg") if with_label else None
+        if seg is not None:
+            item["label"] = str(seg)
         cases.append(item)
     return cases
 
 
 def nuclei_cases(dataset_dir: str | Path) -> list[dict]:
-    """One dict per image of the DSB 2018 nuclei layout: ``{"case", "image", "label"}``."""
+    """One dict per image of the DSB 2018 nuclei layout: ``{"case", "image", "label"}``, without ``label``
+    for an image that has no ``labels/<id>.png`` (an unlabelled case)."""
     root = Path(dataset_dir)
     images = sorted((root / "images").glob("*.png")) if (root / "images").is_dir() else []
-    return [{"case": p.stem, "image": str(p), "label": str(root / "labels" / p.name)} for p in images]
+    labels = root / "labels"
+    return [{"case": p.stem, "image": str(p), **({"label": str(labels / p.name)} if (labels / p.name).is_file() else {})}
+            for p in images]
 
 
 LAYOUTS = {"brats": brats_cases, "nuclei": nuclei_cases}
 EXPECTED_LAYOUT = {"brats": "BraTS case folders <case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz",
                    "nuclei": "images/<id>.png with labels/<id>.png"}
+EXPECTED_LABEL = {"brats": "a segmentation <case>/<case>_seg.nii.gz",
+                  "nuclei": "a label map labels/<id>.png"}
 
 
 def dataset_layout(dataset_name: str) -> str:

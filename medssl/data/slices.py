@@ -88,9 +88,13 @@ def training_slices(datalist: dict, supervision: str = "image", area_threshold: 
                     min_brain_fraction: float = 0.05) -> list[dict]:
     """The training slices of a case-level datalist: image-level labels only (``supervision="image"``,
     checked by :func:`image_level_only`), or with pixel labels (``"pixel"``: the fully supervised
-    upper bound, never a weakly supervised method)."""
+    upper bound, never a weakly supervised method). Only the labelled training cases
+    (:func:`medssl.data.labelled`: the image-level labels are derived from their segmentations; cases
+    without one are skipped, none at all is a :class:`DataError`)."""
+    from .split import labelled
+
     if supervision == "image":
-        return weak_slice_datalist({"training": datalist["training"]}, area_threshold, min_brain_fraction)["training"]
+        return weak_slice_datalist({"training": labelled(datalist)}, area_threshold, min_brain_fraction)["training"]
     if supervision == "pixel":
-        return brats_axial_slices(datalist["training"], area_threshold, True, min_brain_fraction)
+        return brats_axial_slices(labelled(datalist), area_threshold, True, min_brain_fraction)
     raise ValueError(f"supervision must be 'image' or 'pixel', got {supervision!r}")

@@ -9,6 +9,7 @@ cases are nested: the labelled cases at fraction 0.1 are among those at 0.2, and
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +18,9 @@ import numpy as np
 
 from ..utils import atomic_write_json
 from .check import DataError, check_cases
-from .layouts import EXPECTED_LAYOUT, LAYOUTS, detect_layout
+from .layouts import EXPECTED_LABEL, EXPECTED_LAYOUT, LAYOUTS, detect_layout
+
+logger = logging.getLogger(__name__)
 
 
 def _map_paths(item: dict, fn) -> dict:
@@ -29,23 +32,31 @@ def _map_paths(item: dict, fn) -> dict:
     return {k: apply(v) if k in ("image", "label") else v for k, v in item.items()}
 
 
+def _by_label(cases: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(cases with a ``label``, cases without), each sorted by case name."""
+    cases = sorted(cases, key=lambda c: c["case"])
+    return [c for c in cases if "label" in c], [c for c in cases if "label" not in c]
+
+
 def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
                test_fraction: float = 0.3) -> dict:
     """Split ``cases`` into training/validation/test and flag ``labelled`` training cases.
 
-    ``round(test_fraction * n)`` cases go to test, ``round(val_fraction * n)`` to validation and
-    the rest to training; ``max(1, round(label_fraction * n_training))`` training cases are
-    labelled. ``test_fraction=1.0`` puts every case in ``test`` (to evaluate a trained bundle on
-    a folder it has never seen).
+    Of the ``n`` cases that have a ``label`` (a segmentation file), ``round(test_fraction * n)`` go to
+    test, ``round(val_fraction * n)`` to validation and the rest to training;
+    ``max(1, round(label_fraction * n_training))`` of those training cases are labelled. Cases without a
+    ``label`` (unlabelled scans) all go to ``training`` as ``"labelled": false``: pretraining and
+    semi-supervised training use them, evaluation never does. ``test_fraction=1.0`` puts every labelled
+    case in ``test`` (to evaluate a trained bundle on a folder it has never seen).
     """
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
     if not (0.0 <= val_fraction <= 1.0 and 0.0 <= test_fraction <= 1.0 and val_fraction + test_fraction <= 1.0):
         raise ValueError(f"val_fraction and test_fraction must be in [0, 1] with a sum <= 1, "
                          f"got {val_fraction} and {test_fraction}")
-    cases = sorted(cases, key=lambda c: c["case"])
+    cases, without = _by_label(cases)
     n = len(cases)
-    if n == 0:
+    if n == 0 and not without:
         raise DataError(["no cases to split; expected at least one"])
     rng = np.random.RandomState(seed)
     order = [cases[i] for i in rng.permutation(n)]
@@ -60,7 +71,7 @@ def make_split(cases: Sequence[dict], label_fraction: float = 1.0, seed: int = 0
     return {
         "seed": seed,
         "label_fraction": label_fraction,
-        "training": [dict(c, labelled=c["case"] in labelled) for c in train],
+        "training": [dict(c, labelled=c["case"] in labelled) for c in train] + [dict(c, labelled=False) for c in without],
         "validation": list(val),
         "test": list(test),
     }
@@ -76,14 +87,19 @@ def make_fold(cases: Sequence[dict], fold: int, num_folds: int = 5, label_fracti
     to ``training``, of which ``max(1, round(label_fraction * n_training))`` are ``labelled``. For one
     (seed, fold) the three sets do not depend on the label fraction and the labelled cases are nested
     across fractions (those at 0.1 are among those at 0.2), so fractions compare like with like.
+
+    Only cases with a ``label`` are folded; cases without one (unlabelled scans) are in ``training`` of
+    every fold as ``"labelled": false`` (pretraining and semi-supervised training use them).
     """
     if not 0 <= int(fold) < int(num_folds) or int(num_folds) < 2:
         raise ValueError(f"fold must be in [0, num_folds) with num_folds >= 2, got fold={fold}, num_folds={num_folds}")
     if not 0.0 < label_fraction <= 1.0:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
-    cases = sorted(cases, key=lambda c: c["case"])
+    cases, without = _by_label(cases)
     if len(cases) < num_folds:
-        raise DataError([f"{len(cases)} cases cannot make {num_folds} folds; expected at least {num_folds}"])
+        extra = f" (and {len(without)} without a label)" if without else ""
+        raise DataError([f"{len(cases)} labelled cases{extra} cannot make {num_folds} folds; expected at least "
+                         f"{num_folds} cases with a segmentation"])
     parts = np.array_split(np.random.RandomState(seed).permutation(len(cases)), num_folds)
     test = [cases[i] for i in sorted(parts[fold], key=lambda i: cases[i]["case"])]
     rest = [cases[i] for j, part in enumerate(parts) if j != fold for i in part]
@@ -98,7 +114,8 @@ def make_fold(cases: Sequence[dict], fold: int, num_folds: int = 5, label_fracti
         "fold": int(fold),
         "num_folds": int(num_folds),
         "label_fraction": label_fraction,
-        "training": [dict(c, labelled=c["case"] in labelled) for c in sorted(train, key=lambda c: c["case"])],
+        "training": [dict(c, labelled=c["case"] in labelled) for c in sorted(train, key=lambda c: c["case"])]
+                    + [dict(c, labelled=False) for c in without],
         "validation": sorted(val, key=lambda c: c["case"]),
         "test": test,
     }
@@ -137,13 +154,18 @@ def bundle_datalist(dataset_dir: str, datalist_file: str | None = None, label_fr
     """The datalist a bundle stage uses, validated before any training.
 
     ``datalist_file`` (an MSD-style JSON, paths relative to ``dataset_dir``) when given, otherwise
-    a seeded split of every case found in ``dataset_dir``. With ``check`` every referenced file is
-    read and validated; all problems are raised together as one :class:`DataError`.
+    a seeded split of every case found in ``dataset_dir`` (cases without a segmentation go to
+    ``training`` as unlabelled, see :func:`make_split`). With ``check`` every referenced file is
+    read and validated, and every validation/test case and every training case flagged ``labelled``
+    must have a ``label``; all problems are raised together as one :class:`DataError`. The returned
+    dict also names its ``source`` (the data set folder, and the datalist file) and ``layout``, which
+    :func:`labelled` uses in its messages; the counts are logged.
     """
     layout = layout or detect_layout(dataset_dir)
     if datalist_file:
         datalist = load_datalist(datalist_file, dataset_dir)
         context = f"datalist {datalist_file}"
+        source = f"data set {dataset_dir} (datalist {datalist_file})"
     else:
         if not Path(dataset_dir).is_dir():
             raise DataError([f"{dataset_dir}: missing; expected the data set folder (set dataset_dir, or "
@@ -152,20 +174,58 @@ def bundle_datalist(dataset_dir: str, datalist_file: str | None = None, label_fr
         if not cases:
             raise DataError([f"{dataset_dir}: no cases found; expected {EXPECTED_LAYOUT[layout]}"])
         datalist = make_split(cases, label_fraction=label_fraction, seed=seed, **split_kwargs)
-        context = f"data set {dataset_dir}"
+        context = source = f"data set {dataset_dir}"
     if check:
         every = [c for k in ("training", "validation", "test") for c in datalist.get(k, [])]
         check_cases(every, layout, context=context)
+        unlabelled_eval = [f"{k}: {_name(c)}: no label; expected {EXPECTED_LABEL[layout]} (validation and test cases "
+                           "must be labelled; an unlabelled case belongs in training with \"labelled\": false)"
+                           for k in ("validation", "test") for c in datalist.get(k, []) if "label" not in c]
+        unlabelled_eval += [f"training: {_name(c)}: flagged labelled but has no label; expected {EXPECTED_LABEL[layout]}"
+                            for c in datalist.get("training", []) if c.get("labelled") is True and "label" not in c]
+        if unlabelled_eval:
+            raise DataError(unlabelled_eval, context)
+    datalist["source"], datalist["layout"] = source, layout
+    train = datalist.get("training", [])
+    n_lab = len([c for c in train if _is_labelled(c)])
+    n_label_files = len([c for c in train if "label" in c])
+    logger.info(f"{source}: {len(train)} training case(s) ({n_lab} labelled, {len(train) - n_label_files} without a "
+                f"label), {len(datalist.get('validation', []))} validation and {len(datalist.get('test', []))} test "
+                "case(s) (labelled only)")
     return datalist
 
 
 def labelled(datalist: dict) -> list[dict]:
-    """The labelled training cases (every training case when no ``labelled`` flag is present)."""
-    return [c for c in datalist["training"] if c.get("labelled", True)]
+    """The labelled training cases (every training case with a ``label`` when no ``labelled`` flag is present): what
+    supervised training uses. Logs how many it found; none is a :class:`DataError` naming the data set
+    (``datalist["source"]``, set by :func:`bundle_datalist`) and what was expected."""
+    cases = [c for c in datalist["training"] if _is_labelled(c)]
+    source = datalist.get("source", "datalist")
+    if not cases:
+        layout = datalist.get("layout", "brats")
+        raise DataError([f"{source}: no labelled case ({len(datalist['training'])} training case(s), none with a "
+                         f"label in use); expected at least one case with {EXPECTED_LABEL.get(layout, 'a label')} "
+                         "for supervised training (pretraining needs none)"])
+    logger.info(f"{source}: supervised training uses {len(cases)} labelled case(s) of {len(datalist['training'])} "
+                "training case(s)")
+    return cases
 
 
 def unlabelled(datalist: dict) -> list[dict]:
-    return [c for c in datalist["training"] if not c.get("labelled", True)]
+    """The training cases not in :func:`labelled` (flagged ``"labelled": false``, or without a ``label``),
+    label files dropped where a case has one: the unlabelled stream of semi-supervised training."""
+    return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"] if not _is_labelled(c)]
+
+
+def _is_labelled(c: dict) -> bool:
+    """A training case whose label supervised training uses: flagged ``labelled`` (or not flagged at all) and
+    with a ``label``."""
+    return bool(c.get("labelled", True)) and "label" in c
+
+
+def _name(c: dict) -> str:
+    image = c["image"][0] if isinstance(c["image"], (list, tuple)) else c["image"]
+    return str(c.get("case") or Path(str(image)).name)
 
 
 def datalist_digest(datalist: dict) -> str:
