@@ -61,7 +61,7 @@ def test_a_failed_download_is_one_line(medssl, tmp_path, monkeypatch):
 def test_data_is_found_beside_the_checkout(monkeypatch):
     monkeypatch.delenv("MEDSSL_DATA_DIR", raising=False)
     if (REPO.parent / "shared" / "data").is_dir():
-        assert data_root() == (REPO.parent / "shared" / "data").resolve()
+        assert data_root().resolve() == (REPO.parent / "shared" / "data").resolve()
     monkeypatch.setenv("MEDSSL_DATA_DIR", "/somewhere/else")
     assert data_root() == Path("/somewhere/else")
 
