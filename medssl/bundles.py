@@ -94,20 +94,24 @@ def check_overrides(bundle: str, stage: str, overrides: dict) -> None:
     _check_kinds(stage_settings(bundle, stage), overrides, f"{bundle} {stage}")
 
 
+# the kind of a default -> what a setting of it must be, and the test of a value (bool before int: a bool is an int)
+_KINDS = ((bool, "true or false", lambda v: isinstance(v, bool)),
+          (int, "an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          (float, "a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          (list, "a list", lambda v: isinstance(v, (list, tuple))))
+
+
 def _check_kinds(defaults: dict, overrides: dict, where: str) -> None:
     for key, value in overrides.items():
         if key not in defaults or (isinstance(value, str) and value.startswith(("$", "@"))):
             continue
         default = defaults[key]
-        expected = ("true or false" if isinstance(default, bool) else "an integer" if isinstance(default, int)
-                    else "a number" if isinstance(default, float) else "a list" if isinstance(default, list) else None)
-        ok = (isinstance(value, bool) if isinstance(default, bool)
-              else isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int)
-              else isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
-              else isinstance(value, (list, tuple)) if isinstance(default, list) else True)
-        if not ok:
-            raise SettingError(f"setting {key!r} of {where}: got {value!r}, expected {expected} "
-                               f"(default {json.dumps(default)})")
+        for kind, expected, fits in _KINDS:
+            if isinstance(default, kind):
+                if not fits(value):
+                    raise SettingError(f"setting {key!r} of {where}: got {value!r}, expected {expected} "
+                                       f"(default {json.dumps(default)})")
+                break
 
 
 def check_command_line(bundle_root: str) -> bool:
