@@ -141,6 +141,7 @@ def check_command_line(bundle_root: str) -> bool:
     except SettingError as e:
         print(f"monai.bundle run: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    _note_run(Path(bundle_root).resolve().name, files, overrides)
     return True
 
 
@@ -154,7 +155,76 @@ def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, *
     root = bundle_path(bundle)
     files = [str(f) for f in stage_config_files(root, stage)]
     overrides.setdefault("bundle_root", str(root))
+    _note_run(bundle, files, overrides)
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")
     return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
                logging_file=logging_file, **overrides)
+
+
+# What a run's folder needs to be used on its own: ``run.json`` (:func:`write_run_record`).
+RUN_RECORD = "run.json"
+# settings that say where a run is, not what it is: never carried from a run's record to another stage
+_PLACE = ("bundle_root", "ckpt_dir", "output_dir", "resume", "device", "dataset_dir", "logging_file", "meta_file",
+          "config_file", "args_file", "initialize", "run", "finalize")
+_RUN: dict = {}  # the stage being run in this process (set by run_stage / check_command_line)
+
+
+def _note_run(bundle: str, files, overrides: dict) -> None:
+    files = [str(f) for f in files]
+    given = {k: v for k, v in overrides.items() if k not in ("logging_file", "meta_file", "config_file", "args_file")}
+    _RUN.clear()
+    _RUN.update(bundle=bundle, stage=Path(files[-1]).stem if files else None, config_files=files,
+                overrides=given, settings={**_plain_settings(Path(f) for f in files), **given})
+
+
+def write_run_record(ckpt_dir, run_settings: dict | None = None) -> Path:
+    """Write ``ckpt_dir/run.json`` (atomically) for the training stage being run: the bundle and stage, the
+    settings given to it (``overrides``), every setting of its configs with those applied (``settings``), its
+    defining ``run_settings`` (what a resume must match) and the versions. Called by
+    :class:`medssl.engines.ResumableCheckpoint` once the run has passed its resume check, so a refused run
+    leaves an earlier record alone. :func:`recorded_settings` reads it back."""
+    import monai
+    import torch
+
+    from . import __version__
+    from .utils import atomic_write_json
+
+    record = {**json.loads(json.dumps(_RUN, default=str)), "run_settings": run_settings or {},
+              "versions": {"medssl": __version__, "monai": monai.__version__, "torch": torch.__version__}}
+    return atomic_write_json(record, Path(ckpt_dir) / RUN_RECORD)
+
+
+def recorded_settings(bundle: str, stage: str, ckpt_dir) -> dict:
+    """The settings a model in ``ckpt_dir`` was trained with (its ``run.json``) that ``stage`` of ``bundle``
+    also has with another default - what evaluating or running that model needs (network sizes and
+    switches, the datalist) - less those that say where things are (``ckpt_dir``, ``output_dir``, ...).
+    Empty without a record."""
+    path = Path(ckpt_dir) / RUN_RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: unreadable run record ({e}); expected the JSON a training stage writes") from None
+    if record.get("bundle") not in (None, bundle):
+        raise ValueError(f"{path}: a run of bundle {record.get('bundle')!r}; expected one of {bundle!r}")
+    files = stage_config_files(bundle_path(bundle), stage)
+    own, ids = _plain_settings(files), set().union(*(json.loads(Path(f).read_text()) for f in files))
+    # a top-level setting with another value, or a nested one (``network_def#channels``) the stage also builds
+    def value(v):  # not an expression or reference, which the stage's own config resolves
+        return not any(isinstance(x, str) and x.startswith(("$", "@", "%")) for x in (v if isinstance(v, list) else [v]))
+
+    return {k: v for k, v in record.get("settings", {}).items() if k not in _PLACE and value(v) and
+            (v != own[k] if k in own else "#" in k and k.split("#")[0] in ids)}
+
+
+def trained_with(ckpt_dir) -> str:
+    """``--id value ...`` of the settings given to the training recorded in ``ckpt_dir/run.json`` (less the
+    places), for a message; empty without a record."""
+    path = Path(ckpt_dir) / RUN_RECORD
+    try:
+        given = json.loads(path.read_text()).get("overrides", {})
+    except (OSError, json.JSONDecodeError):
+        return ""
+    return " ".join(f"--{k} {json.dumps(v)}" for k, v in given.items() if k not in _PLACE)

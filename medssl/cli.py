@@ -116,16 +116,25 @@ class CLI:
         can be set with --id value. `medssl run BUNDLE STAGE --help` lists the stage's settings.
 
         Bad input (data, checkpoints, a setting of the wrong kind) stops with one line and exit code 2.
+        evaluate and inference with --ckpt_dir RUN take the settings RUN was trained with from RUN/run.json
+        (network sizes and switches, the datalist); a setting given here wins.
 
         Args:
             bundle: a bundle name (`medssl bundles` lists them).
             stage: pretrain, train, prel, evaluate, inference or multi_gpu_train (those the bundle has).
             overrides: --id value for any config id, e.g. --label_fraction 0.1 --seed 1.
         """
-        from .bundles import check_overrides, run_stage
+        from .bundles import check_overrides, recorded_settings, run_stage
 
         try:
             check_overrides(bundle, stage, overrides)
+            if stage in ("evaluate", "inference") and overrides.get("ckpt_dir"):
+                recorded = {k: v for k, v in recorded_settings(bundle, stage, overrides["ckpt_dir"]).items()
+                            if k not in overrides}
+                if recorded:
+                    print(f"medssl run {bundle} {stage}: as trained ({Path(overrides['ckpt_dir'], 'run.json')}): "
+                          + " ".join(f"--{k} {json.dumps(v)}" for k, v in recorded.items()), file=sys.stderr)
+                overrides = {**recorded, **overrides}
             run_stage(bundle, stage, **overrides)
         except Exception as e:
             cause = _input_error(e)
@@ -136,7 +145,7 @@ class CLI:
 
     def benchmark(self, bundle: str, data_dir: str = "", fractions: str = "0.1,0.2,1.0", folds: int = 0,
                   seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants: str = "",
-                  reevaluate: bool = False, workers: int = 1):
+                  reevaluate: bool = False, workers: int = 1, figures: int = 0):
         """Method vs baseline (and the bundle's other variants, bundles/BUNDLE/benchmark.json) at each label
         fraction, by k-fold cross-validation: every case is tested once; variants are compared with the
         baseline case by case (paired bootstrap). Writes results.json/.md and plots to --out; an
@@ -154,10 +163,13 @@ class CLI:
             variants: comma-separated variants to train now (default all); finished runs of others are reported.
             reevaluate: re-run only the evaluation of the finished runs (models and training times kept).
             workers: runs trained at once in separate processes (a GPU or many-core machine).
+            figures: PNGs of this many test cases per fold and fraction, method above baseline, in
+                --out/figures (each evaluation's --save_figures; runs finished before need --reevaluate).
         """
         from .apps.benchmark import run_benchmark
         run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds or None, seed=seed, budget=budget,
-                      out=out, variants=variants or None, reevaluate=reevaluate, workers=workers)
+                      out=out, variants=variants or None, reevaluate=reevaluate, workers=workers,
+                      figures=figures)
         print(Path(out, "results.md").read_text())
 
     def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str = "",

@@ -77,15 +77,61 @@ def monai_run(configs: Path, stage: str, *args, check: bool = True):
     import subprocess
     import sys
 
+    r = subprocess.run(monai_command(stage, *args), cwd=configs.parent, capture_output=True, text=True,
+                       env=dict(os.environ))
+    if check:
+        assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return r
+
+
+def monai_command(stage: str, *args) -> list[str]:
+    """The command line of :func:`monai_run` (run it from the bundle folder)."""
+    import sys
+
     from medssl.contract import stage_files
 
     files = stage_files(stage)
     config_arg = files[0] if len(files) == 1 else "[" + ",".join(f"'{f}'" for f in files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, *map(str, args)]
-    r = subprocess.run(cmd, cwd=configs.parent, capture_output=True, text=True, env=dict(os.environ))
-    if check:
-        assert r.returncode == 0, f"{stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
-    return r
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, *map(str, args)]
+
+
+def check_killed_run_resumes_exactly(configs: Path, stage: str, args, tmp_path: Path, checkpoint: str) -> None:
+    """Run ``stage`` with ``args`` uninterrupted into one folder; run it again into another, SIGKILL it once
+    its first epoch's checkpoint is written (mid-run), and run it once more there, which resumes. The
+    resumed run must end with exactly the uninterrupted one's weights, losses and validation curve."""
+    import json
+    import subprocess
+    import time
+
+    import torch
+
+    def epoch(path):
+        trainer = torch.load(path, weights_only=False)["trainer"]
+        return trainer["iteration"] // trainer["epoch_length"]
+
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    monai_run(configs, stage, *args, "--ckpt_dir", whole)
+    proc = subprocess.Popen(monai_command(stage, *args, "--ckpt_dir", cut), cwd=configs.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    try:
+        while proc.poll() is None:
+            ckpt = cut / checkpoint
+            if ckpt.is_file() and epoch(ckpt) >= 1:
+                proc.kill()
+                break
+            time.sleep(0.02)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = epoch(cut / checkpoint)
+    r = monai_run(configs, stage, *args, "--ckpt_dir", cut)
+    assert "resumed from" in r.stdout + r.stderr
+    a, b = (torch.load(d / checkpoint, weights_only=False) for d in (whole, cut))
+    assert a["trainer"] == b["trainer"] and epoch(cut / checkpoint) > killed_at, "the run was not cut off mid-way"
+    net_a, net_b = a.get("network") or a["network_def"], b.get("network") or b["network_def"]
+    assert net_a.keys() == net_b.keys() and all(torch.equal(net_a[k], net_b[k]) for k in net_a)
+    curve_a, curve_b = (json.loads((d / "train_curve.json").read_text()) for d in (whole, cut))
+    assert curve_a == curve_b
 
 
 def check_metadata_and_export(bundle: Path, model_pt: Path, reference, x, tmp_path: Path, overrides=()) -> None:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, bundle_runner, check_metadata_and_export, damage_label
+from conftest import (REPO, TINY, bundle_runner, check_killed_run_resumes_exactly, check_metadata_and_export,
+                      damage_label)
 
 BUNDLE, CONFIGS, monai_run = bundle_runner("context_restoration")
 
@@ -64,6 +65,41 @@ def test_train_saves_best_model_and_resumes(runs):
     assert "resumed from" in out
     assert "Epoch[3] Complete" in out and "Epoch[1] Complete" not in out
     assert torch.load(ft / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 6
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """SIGKILLed mid-run and run again, training ends with the same weights, losses and validation Dice to
+    the last bit as a run that was never interrupted (each epoch's randomness depends only on seed and
+    epoch; the cut-off epoch is redone from its start)."""
+    check_killed_run_resumes_exactly(CONFIGS, "train", ["--max_epochs", 2, "--epoch_length", 3, "--val_interval", 2,
+                                                        "--init", "baseline", "--label_fraction", 0.2],
+                                     tmp_path, "train_checkpoint.pt")
+
+
+def test_training_records_its_settings_and_evaluate_takes_them_from_the_run_folder(tmp_path):
+    """A training run's folder holds run.json with every setting it ran with; `medssl run ... evaluate
+    --ckpt_dir RUN` applies those the model needs (here a narrower network), where evaluating with the
+    defaults fails naming the settings to give."""
+    run = tmp_path / "narrow"
+    monai_run("train", *TINY, "--val_interval", 1, "--init", "baseline", "--label_fraction", 0.2,
+              "--network_def#channels", "[8, 16, 32, 64, 128]", "--ckpt_dir", run)
+    record = json.loads((run / "run.json").read_text())
+    assert record["bundle"] == "context_restoration" and record["stage"] == "train"
+    assert record["overrides"]["network_def#channels"] == [8, 16, 32, 64, 128]
+    assert record["settings"]["learning_rate"] == 0.001 and record["settings"]["label_fraction"] == 0.2
+    assert record["settings"]["seed"] == 0 and record["run_settings"]["init"] == "baseline"
+    from monai.networks.nets import UNet
+
+    from medssl.networks import CheckpointMismatchError, load_pretrained
+
+    default = UNet(3, 4, 3, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2))  # what evaluate builds by default
+    with pytest.raises(CheckpointMismatchError, match=r"says it was trained with .*--network_def#channels \[8, 16, 32, 64, 128\]"):
+        load_pretrained(default, run / "model.pt", allow_head_mismatch=False)
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "run", "context_restoration", "evaluate", "--ckpt_dir",
+                        str(run), "--output_dir", str(tmp_path / "e2")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "as trained" in r.stderr and "--network_def#channels [8, 16, 32, 64, 128]" in r.stderr
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["num_cases"] == 4
 
 
 def test_resume_with_other_settings_is_refused_naming_them(runs, tmp_path):

@@ -148,9 +148,10 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
     again_out = tmp_path / "again"
     rerun = run_benchmark("context_restoration", str(data), out=str(again_out), variants="baseline", **SMOKE)
     assert [r["cases"] for r in rerun["runs"]] == [r["cases"] for r in saved["runs"] if r["variant"] == "baseline"]
-    # an unfinished run (cut off mid-training) is trained again from its start, not resumed
+    # an unfinished run (cut off after its training's last checkpoint) resumes from it, to the same numbers
     cut = out / "fold1" / "f0.2" / "baseline"
-    (cut / "run.json").unlink()
+    assert json.loads((cut / "run.json").read_text())["stage"] == "train"  # the training's own record
+    (cut / "result.json").unlink()
     (cut / "trained.json").unlink()
     resumed = run_benchmark("context_restoration", str(data), out=str(out), variants="baseline", **SMOKE)
     assert resumed["runs"][-1]["cases"] == saved["runs"][-1]["cases"]

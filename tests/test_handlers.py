@@ -9,7 +9,7 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-from medssl.engines import CurveLog, EarlyStopping, RandomStates
+from medssl.engines import CurveLog, EarlyStopping
 
 
 def _engines(scores):
@@ -66,27 +66,32 @@ def test_curve_log_writes_loss_terms_and_validation_metrics(tmp_path):
     assert resumed.loss == log.loss and resumed.metrics == log.metrics
 
 
-def test_random_states_restore_every_generator_and_each_transform():
+def test_an_epoch_draws_depend_only_on_seed_and_epoch():
+    """seed_epoch: what an epoch draws (global generators, each random transform, the loader's shuffle) is
+    the same whatever was drawn before it - as for a run resumed at that epoch - and differs between epochs."""
+    from monai.data import DataLoader, Dataset
     from monai.transforms import Compose, RandFlip, RandGaussianNoise
 
-    class Loader:  # what RandomStates reads: engine.data_loader.dataset.transform
-        class dataset:
-            transform = Compose([RandFlip(prob=0.5), RandGaussianNoise(prob=1.0)])
+    from medssl.engines import seed_epoch
 
-    engine = type("E", (), {"data_loader": Loader()})()
-    states = RandomStates(engine)
-    saved = states.state_dict()
-    assert len(saved["transforms"]) == 3  # the Compose and its two random transforms
+    loader = DataLoader(Dataset([np.full((1, 4, 4), i, np.float32) for i in range(6)],
+                        Compose([RandFlip(prob=0.5), RandGaussianNoise(prob=1.0)])), batch_size=2, shuffle=True)
+    engine = Engine(lambda e, b: None)
+    engine.data_loader = loader  # as MONAI's workflows keep it
+    engine.state.dataloader = loader
 
-    def draw():
-        t = Loader.dataset.transform
-        return (torch.rand(3), np.random.rand(3), random.random(), t.transforms[1].R.rand(), t.R.rand())
+    def epoch_draws(epoch, noise_before):
+        for _ in range(noise_before):  # whatever an earlier epoch, a validation or a restart drew
+            torch.rand(3), np.random.rand(), random.random(), next(iter(loader))
+        engine.state.epoch = epoch
+        seed_epoch(engine, 7)
+        batches = [next(engine._dataloader_iter) for _ in range(3)]
+        return torch.cat(batches), torch.rand(3), np.random.rand(3), random.random()
 
-    first = draw()
-    states.load_state_dict(saved)
-    second = draw()
-    for a, b in zip(first, second):
+    first, again, other = epoch_draws(2, 0), epoch_draws(2, 5), epoch_draws(3, 0)
+    for a, b in zip(first, again):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not torch.equal(first[0], other[0]) and not torch.equal(first[1], other[1])
 
 
 if __name__ == "__main__":

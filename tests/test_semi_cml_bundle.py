@@ -11,7 +11,7 @@ import torch
 
 from monai.networks.nets import UNet
 
-from conftest import TINY, bundle_runner, case_file, check_metadata_and_export, damage_shape
+from conftest import TINY, bundle_runner, case_file, check_killed_run_resumes_exactly, check_metadata_and_export, damage_shape
 
 BUNDLE, CONFIGS, monai_run = bundle_runner("semi_cml")
 SMALL = ["--channels", "[8,16,32,64,128]"]
@@ -38,6 +38,13 @@ def test_train_saves_the_pair_and_each_modality_network(runs):
     state = torch.load(runs / "cml" / "train_checkpoint.pt", weights_only=False)
     assert {"optimizer_flair", "optimizer_t2", "lr_scheduler_flair", "lr_scheduler_t2"} <= set(state)
     assert state["trainer"]["iteration"] == 2
+
+
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+    """Two data streams (labelled, unlabelled) and the contrastive memory bank: a run SIGKILLed mid-way and
+    run again ends with the same two networks, losses and validation curve as one never interrupted."""
+    check_killed_run_resumes_exactly(CONFIGS, "train", ["--max_epochs", 2, "--epoch_length", 3, "--val_interval", 2,
+                                                        *SMALL], tmp_path, "train_checkpoint.pt")
 
 
 def test_prel_chooses_the_teacher_by_validation_dice_and_keeps_it_frozen(runs):

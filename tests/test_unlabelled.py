@@ -201,3 +201,9 @@ def test_no_label_at_all_is_refused_by_supervised_train_with_one_message(brats_c
     assert str(root) in problem and "no labelled case (4 training case(s)" in problem
     assert "expected at least one case with a segmentation <case>/<case>_seg.nii.gz" in problem
     assert not (tmp_path / "m" / "model.pt").exists()
+    # evaluation too: one message, not "0 test case(s)" scored
+    code, out, err = medssl("run", "context_restoration", "evaluate", "--dataset_dir", root, "--ckpt_dir", tmp_path / "m",
+                            "--output_dir", tmp_path / "e")
+    assert code == 2 and "no labelled case in 'test' (4 training case(s), 0 labelled); expected labelled cases to " \
+                         "evaluate on" in err, err[-2000:]
+    assert not (tmp_path / "e" / "metrics.json").exists()

@@ -7,7 +7,7 @@ whose weights it starts from. The cases are cut into ``folds`` (k-fold cross-val
 the assignment): for each fold, each pretraining once on that fold's training cases (labels unused,
 never its test cases), then for each label fraction every variant fine-tuned on the same labelled cases
 and evaluated on the fold's test cases, so over the folds every case is tested exactly once. Every
-finished run is kept on disk (``out/fold{k}/f{fraction}/{variant}/run.json``), so an interrupted
+finished run is kept on disk (``out/fold{k}/f{fraction}/{variant}/result.json``), so an interrupted
 benchmark resumes where it stopped. Variants are compared with ``baseline`` case by case (paired
 bootstrap over all folds' test cases, :mod:`medssl.apps.stats`). Writes ``results.json``,
 ``results.md`` and ``label_efficiency.png`` to ``out``.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping
@@ -160,7 +161,7 @@ def _parse_list(values, cast):
 class Run:
     """One entry of a benchmark's plan: a pretraining (``kind="pretrain"``) or a variant's fine-tuning and
     evaluation (``kind="variant"``) on one fold (and fraction). ``dir`` holds its files; it is finished
-    when its record (``timing.json`` / ``run.json``) is there."""
+    when its record (``timing.json`` / ``result.json``) is there."""
 
     kind: str
     fold: int
@@ -174,7 +175,14 @@ class Run:
 
     @property
     def record(self) -> Path:
-        return self.dir / ("timing.json" if self.kind == "pretrain" else "run.json")
+        if self.kind == "pretrain":
+            return self.dir / "timing.json"
+        path, legacy = self.dir / "result.json", self.dir / "run.json"
+        # harnesses before the training stages wrote their own run.json (the run's settings) kept the
+        # evaluation record under that name: adopt it once
+        if not path.is_file() and legacy.is_file() and "variant" in json.loads(legacy.read_text()):
+            os.replace(legacy, path)
+        return path
 
     @property
     def label(self) -> str:
@@ -193,6 +201,10 @@ class Context:
     seed: int
     logging_file: str | bool | None
     results: dict
+    figures: int = 0  # save_figures of the evaluations of FIGURE_VARIANTS (0: none)
+
+
+FIGURE_VARIANTS = ("method", "baseline")  # drawn side by side by --figures, method on top
 
 
 def plan(spec: BenchmarkSpec, cases, out_dir: Path, fractions, num_folds: int, seed: int, val_fraction: float,
@@ -244,8 +256,9 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
     ckpt = {} if step is None else {"ckpt_path": str(ckpt_dir / f"model_step{step}.pt")}
     # the budget's and the variant's overrides go to evaluation too (network sizes and switches must
     # match; ids that evaluate.json does not use are inert there)
+    figures = {"save_figures": ctx.figures} if ctx.figures and run.name in FIGURE_VARIANTS else {}
     run_stage(ctx.bundle, "evaluate", ctx.logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run.dir),
-              datalist_file=str(run.datalist), **ctx.common, **run.overrides, **ckpt)
+              datalist_file=str(run.datalist), **ctx.common, **run.overrides, **ckpt, **figures)
     metrics = json.loads((run.dir / "metrics.json").read_text())
     n_lab = sum(c.get("labelled", True) for c in json.loads(run.datalist.read_text())["training"])
     record = run_record(metrics, variant=run.name, fraction=run.fraction, fold=run.fold, seed=ctx.seed,
@@ -262,9 +275,10 @@ def _model_dir(run: Run, variant: Variant) -> Path:
 
 def train_run(run: Run, ctx: Context) -> dict:
     """Train a variant's run unless its ``trained.json`` is there; returns that record (training seconds
-    and :func:`training_curve`). An unfinished training (cut off midway) starts again from scratch: a
-    resumed training does not redo an uninterrupted one's data order exactly, and a benchmark's numbers
-    must be reproducible."""
+    and :func:`training_curve`). An unfinished training (cut off midway) resumes from its last epoch's
+    checkpoint: a resumed training ends exactly where an uninterrupted one does
+    (:class:`medssl.engines.ResumableCheckpoint`), so the numbers stay reproducible; its time counts the
+    resumed part only."""
     done = run.dir / "trained.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -272,8 +286,6 @@ def train_run(run: Run, ctx: Context) -> dict:
     if run.record.is_file():  # evaluated by a harness that wrote no trained.json: never train it again
         return {"train_seconds": json.loads(run.record.read_text())["train_seconds"],
                 **training_curve(_model_dir(run, variant))}
-    for stale in (run.dir / "model.pt", run.dir / "train_checkpoint.pt", *run.dir.glob("model_step*.pt")):
-        stale.unlink(missing_ok=True)
     start = {"pretrained_ckpt": str(run.pretrained)} if run.pretrained else {}
     before = 0.0
     if variant.continues:
@@ -352,7 +364,7 @@ def pretext_curve(pre_dir: Path) -> dict:
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: int | None = None, seed: int = 0,
                   budget: str = "small", out: str = "benchmark_out", progress: bool = True,
                   logging_file: str | bool | None = None, variants=None, reevaluate: bool = False,
-                  workers: int = 1) -> dict:
+                  workers: int = 1, figures: int = 0) -> dict:
     """Run (or resume) the benchmark grid (folds x fractions x variants): :func:`plan`, then
     :func:`execute` each run, then :func:`report`; returns the ``results.json`` content.
 
@@ -366,9 +378,13 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     ``workers`` > 1 trains that many runs at once, each in its own process with its share of this
     process's torch threads (for a GPU or many-core machine; the numbers equal a sequential run's only up to the
     nondeterminism of the device): :func:`_train_in_parallel`.
+    ``figures`` > 0 draws that many test cases of each evaluation of ``method`` and ``baseline`` (the bundle's
+    ``save_figures``; runs finished earlier need ``reevaluate``) and stacks each case's two figures
+    (:func:`side_by_side_figures`).
     """
     spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
                                                  out, logging_file, variants)
+    ctx.figures = int(figures)
     results = ctx.results
     if int(workers) > 1:
         _train_in_parallel(runs, ctx, int(workers))
@@ -377,7 +393,28 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     # a resumed call that trains little must not report its own small footprint as the benchmark's
     results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
     write_reports(results, out_dir)
+    if ctx.figures:
+        side_by_side_figures(runs, out_dir)
     return results
+
+
+def side_by_side_figures(runs: list[Run], out_dir: Path) -> list[Path]:
+    """For each fold and fraction, each case drawn by both :data:`FIGURE_VARIANTS` (their evaluations'
+    ``figures/<case>.png``) as ``out/figures/fold{k}_f{fraction}/<case>.png``: method above baseline."""
+    from ..engines.figures import stack_figures
+
+    top, bottom = FIGURE_VARIANTS
+    dirs = {(r.fold, r.fraction, r.name): r.dir / "figures" for r in runs if r.kind == "variant"}
+    written = []
+    for (fold, fraction, name), folder in sorted(dirs.items()):
+        other = dirs.get((fold, fraction, bottom))
+        if name != top or other is None:
+            continue
+        for png in sorted(folder.glob("*.png")):
+            if (other / png.name).is_file():
+                written.append(stack_figures({top: png, bottom: other / png.name},
+                                             out_dir / "figures" / f"fold{fold}_f{fraction:g}" / png.name))
+    return written
 
 
 def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, progress: bool,

@@ -211,6 +211,21 @@ def labelled(datalist: dict) -> list[dict]:
     return cases
 
 
+def evaluation_cases(datalist: dict, split: str = "test") -> list[dict]:
+    """The cases of ``split`` (``"test"``, ``"validation"``; labelled, as :func:`bundle_datalist` checks): what
+    evaluation scores. Logs how many; none (e.g. a data set without any label) is a :class:`DataError` naming
+    the data set and what was expected, before anything is built."""
+    cases = datalist.get(split, [])
+    source = datalist.get("source", "datalist")
+    if not cases:
+        train = datalist.get("training", [])
+        raise DataError([f"{source}: no labelled case in {split!r} ({len(train)} training case(s), "
+                         f"{len([c for c in train if _is_labelled(c)])} labelled); expected labelled cases to evaluate on "
+                         f"(evaluation needs ground truth; inference runs on unlabelled scans)"])
+    logger.info(f"{source}: evaluating {len(cases)} labelled {split} case(s)")
+    return cases
+
+
 def unlabelled(datalist: dict) -> list[dict]:
     """The training cases not in :func:`labelled` (flagged ``"labelled": false``, or without a ``label``),
     label files dropped where a case has one: the unlabelled stream of semi-supervised training."""

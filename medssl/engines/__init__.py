@@ -5,9 +5,10 @@ from .seg_contrastive import SegContrastiveIteration
 from .semi import (ChooseStronger, CycledLoader, MeanTeacherIteration, PseudoLabelIteration, SemiCMLIteration,
                    sigmoid_rampup)
 from .weak import WEAK_METHODS, ClusterReSupervisionIteration, WeakSegReport, weak_or_supervised
+from .figures import CaseFigures, stack_figures
 from .handlers import (BestModelSaver, classification_accuracy, CurveLog, EarlyStopping, LoadCheckpoint, MetricsReport, NonFiniteLossError,
-                       RandomStates, ResumableCheckpoint, SettingsMismatchError, StepSnapshots,
+                       ResumableCheckpoint, SettingsMismatchError, seed_epoch, StepSnapshots,
                        StopOnNonFiniteLoss)
 
-__all__ = ["WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "weak_or_supervised", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
-           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "RandomStates", "StepSnapshots", "SettingsMismatchError", "NonFiniteLossError", "StopOnNonFiniteLoss", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]
+__all__ = ["CaseFigures", "stack_figures", "WEAK_METHODS", "ClusterReSupervisionIteration", "WeakSegReport", "weak_or_supervised", "ChooseStronger", "CycledLoader", "MeanTeacherIteration", "PseudoLabelIteration", "SemiCMLIteration",
+           "sigmoid_rampup", "SegContrastiveIteration", "BarlowTwinsIteration", "BarlowTwinsNet", "BestModelSaver", "classification_accuracy", "CurveLog", "EarlyStopping", "seed_epoch", "StepSnapshots", "SettingsMismatchError", "NonFiniteLossError", "StopOnNonFiniteLoss", "LoadCheckpoint", "MetricsReport", "ResumableCheckpoint"]

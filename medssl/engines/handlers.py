@@ -18,6 +18,7 @@ import torch
 
 from monai.handlers import MetricLogger
 from monai.transforms import Randomizable
+from monai.utils import MAX_SEED
 from monai.utils import min_version, optional_import
 
 from ..utils import atomic_torch_save, atomic_write_json, remove_stale_temporaries
@@ -32,38 +33,47 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
 
 
+def _streams(engine) -> list:
+    """The data loaders an engine draws from: its own and, for a two-stream ``iteration_update``
+    (:class:`medssl.engines.TwoStreamIteration`), the extra ones it names in ``extra_loaders``."""
+    update = getattr(engine, "_process_function", None)  # where ignite's Engine keeps its iteration function
+    return [getattr(engine, "data_loader", None), *getattr(update, "extra_loaders", ())]
+
+
 def _random_transforms(engine) -> list:
-    """The random transforms of the engine's data loader (each holds its own ``RandomState``)."""
-    loader = getattr(engine, "data_loader", None)
-    stack, found = [getattr(getattr(loader, "dataset", None), "transform", None)], []
-    while stack:
-        t = stack.pop(0)
-        if isinstance(t, Randomizable):
-            found.append(t)
-        stack.extend(getattr(t, "transforms", None) or [])
+    """The random transforms of the engine's data loaders (each holds its own ``RandomState``)."""
+    found = []
+    for loader in _streams(engine):
+        stack = [getattr(getattr(loader, "dataset", None), "transform", None)]
+        while stack:
+            t = stack.pop(0)
+            if isinstance(t, Randomizable):
+                found.append(t)
+            stack.extend(getattr(t, "transforms", None) or [])
     return found
 
 
-class RandomStates:
-    """The random number generators a training run draws from - torch's, numpy's and Python's global
-    ones and the ``RandomState`` of each random transform of ``engine``'s data loader - as a state dict,
-    so that a resumed run draws the same crops, flips and batch order as an uninterrupted one."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def state_dict(self) -> dict:
-        return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "transforms": [t.R.get_state() for t in _random_transforms(self.engine)]}
-
-    def load_state_dict(self, state: dict) -> None:
-        torch.set_rng_state(state["torch"])
-        np.random.set_state(state["numpy"])
-        random.setstate(state["python"])
-        transforms = _random_transforms(self.engine)
-        if len(transforms) == len(state["transforms"]):
-            for t, s in zip(transforms, state["transforms"]):
-                t.R.set_state(s)
+def seed_epoch(engine, seed: int) -> None:
+    """Start ``engine``'s epoch ``engine.state.epoch`` from random states that depend only on ``seed``,
+    that epoch (and the distributed rank): torch's, numpy's and Python's generators and each random
+    transform of its loaders are reseeded, and every loader starts a new pass (a new iterator, so a new
+    shuffle and new worker seeds). An epoch then draws the same crops, flips, batch order and dropout
+    masks whether the run went through uninterrupted or was resumed at its start - which is what makes
+    a resumed run exact, where saving the generators' states would not (the loader's position within a
+    pass, its prefetching workers and the draws of handlers that run after the checkpoint is written
+    are not in any state dict)."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    state = np.random.SeedSequence([int(seed) % 2**63, int(engine.state.epoch), rank]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[0]))
+    random.seed(int(state[0]))
+    for i, t in enumerate(_random_transforms(engine)):
+        t.set_random_state(seed=(int(state[1]) + i) % MAX_SEED)
+    update = getattr(engine, "_process_function", None)
+    if hasattr(update, "start_epoch"):
+        update.start_epoch(engine.state.epoch)
+    if engine.state.dataloader is not None:
+        engine.set_data(engine.state.dataloader)
 
 
 class SettingsMismatchError(ValueError):
@@ -79,9 +89,10 @@ def _comparable(value):
 class ResumableCheckpoint:
     """Save ``save_dict`` atomically to ``save_dir/filename`` every ``save_interval`` epochs and at the end;
     when ``resume`` and that file exists at start, restore every object from it first. The engine it
-    is attached to is saved and restored too (as ``"trainer"``), and so are the random number generators
-    (:class:`RandomStates`, as ``"random"``), so a resumed run continues at the epoch where the last one
-    stopped and draws what an uninterrupted run would have drawn.
+    is attached to is saved and restored too (as ``"trainer"``), so a resumed run continues at the epoch
+    where the last one stopped. Every epoch starts from random states that depend only on the run's seed
+    and the epoch (:func:`seed_epoch`), so a run killed and resumed ends exactly where an uninterrupted
+    one does (an epoch cut off midway is redone from its start).
 
     ``final_filename`` (optional) also receives the bare state dict of ``save_dict["network"]`` at
     completion, the model-zoo ``model.pt`` format.
@@ -90,6 +101,9 @@ class ResumableCheckpoint:
     datalist, ...) are stored in the checkpoint; resuming a checkpoint saved with other settings raises
     :class:`SettingsMismatchError` naming each differing setting, before any training (``resume=False``
     trains afresh instead, overwriting it). The budget (``max_epochs``) may grow: a resumed run trains on.
+    Once that check has passed, the run's record (:func:`medssl.bundles.write_run_record`: every setting of
+    the stage, ``run.json``) is written beside the checkpoint. ``settings["seed"]`` (else torch's initial seed
+    when the run starts) seeds the epochs.
     """
 
     def __init__(self, save_dir: str, save_dict: Mapping, filename: str = "checkpoint.pt", save_interval: int = 1,
@@ -101,18 +115,22 @@ class ResumableCheckpoint:
         self.save_interval = save_interval
         self.resume = resume
         self.final_filename = final_filename
+        self.seed = self.settings.get("seed")
 
     def attach(self, engine) -> None:
         self.save_dict.setdefault("trainer", engine)
-        self.save_dict.setdefault("random", RandomStates(engine))
         engine.add_event_handler(Events.STARTED, self.load)
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: seed_epoch(e, self.seed))
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self.save)
         engine.add_event_handler(Events.COMPLETED, self.complete)
 
     def load(self, engine) -> None:
         for stale in remove_stale_temporaries(self.save_dir):  # left by a run killed while writing
             logger.info("removed %s, a temporary file of an interrupted write", stale)
+        if self.seed is None:
+            self.seed = torch.initial_seed()
         if not (self.resume and self.path.is_file()):
+            self._record()
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
         saved = ckpt.get("settings")
@@ -123,13 +141,19 @@ class ResumableCheckpoint:
                 raise SettingsMismatchError(
                     f"{self.path}: holds a run with other settings ({'; '.join(differ)}); expected the same settings "
                     f"to resume it: use another ckpt_dir, or set resume to false to train afresh over it")
+        self._record()
         missing = [k for k in self.save_dict if k not in ckpt]
-        if missing:  # e.g. written before the random states and curves were saved: start those afresh
+        if missing:  # e.g. written before the curves were saved: start those afresh
             logger.warning("%s holds no %s; those start afresh", self.path, missing)
         max_epochs = engine.state.max_epochs  # this run's budget, not the interrupted run's
         Checkpoint.load_objects(to_load={k: v for k, v in self.save_dict.items() if k in ckpt}, checkpoint=ckpt)
         engine.state.max_epochs = max(max_epochs, engine.state.epoch)
         logger.info("resumed from %s at epoch %d of %d", self.path, engine.state.epoch, engine.state.max_epochs)
+
+    def _record(self) -> None:
+        from ..bundles import write_run_record
+
+        write_run_record(self.save_dir, self.settings)
 
     def save(self, engine) -> None:
         state = {k: (_unwrap(v) if isinstance(v, torch.nn.Module) else v).state_dict() for k, v in self.save_dict.items()}

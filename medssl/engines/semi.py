@@ -62,6 +62,11 @@ class CycledLoader:
     def __iter__(self):
         return self
 
+    def restart(self, epoch: int) -> None:
+        """Start a new pass at the next batch, numbered from ``epoch`` (a ``DistributedSampler``'s shuffle
+        depends on the pass number: this keeps it a function of the epoch, as a resumed run needs)."""
+        self._it, self.passes = None, int(epoch) << 16
+
     def __next__(self):
         if self._it is None:
             sampler = getattr(self.loader, "sampler", None)
@@ -110,6 +115,17 @@ class TwoStreamIteration:
 
     def weight(self, engine) -> float:
         return sigmoid_rampup(engine.state.iteration, self.rampup_iterations)
+
+    @property
+    def extra_loaders(self) -> list:
+        """The loaders this iteration draws from besides the trainer's (the unlabelled stream's)."""
+        return [self.unlabelled.loader] if self.unlabelled is not None else []
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by :func:`medssl.engines.seed_epoch` at each epoch's start: the unlabelled stream starts a
+        new pass too, so an epoch's unlabelled batches do not depend on where the last epoch left it."""
+        if self.unlabelled is not None:
+            self.unlabelled.restart(epoch)
 
     @property
     def curve_keys(self) -> list[str]:

@@ -67,8 +67,13 @@ def load_pretrained(network: nn.Module, checkpoint: str | os.PathLike, allow_hea
             k = wrong[0]
             detail.append(f"{len(wrong)} with other shapes (e.g. {k}: checkpoint {tuple(state[k].shape)}, "
                           f"network {tuple(own[k].shape)})")
+        from ..bundles import trained_with
+
+        given = trained_with(path.parent)
+        hint = (f"; {path.parent / 'run.json'} says it was trained with {given}: give the same settings, or run "
+                f"`medssl run BUNDLE evaluate|inference --ckpt_dir {path.parent}`, which applies them") if given else ""
         raise CheckpointMismatchError(f"{path}: checkpoint of another network; expected the parameters of "
-                                      f"{type(network).__name__} ({len(own)} tensors): " + "; ".join(detail))
+                                      f"{type(network).__name__} ({len(own)} tensors): " + "; ".join(detail) + hint)
     load = {k: v for k, v in state.items() if own[k].shape == v.shape}
     network.load_state_dict(load, strict=False)
     return network
