@@ -1,0 +1,104 @@
+"""Active learning by modality disagreement (medssl.label.disagreement / .strategy) on real BraTS studies.
+
+The networks here are stand-ins with a known behaviour - each thresholds its own normalised modality
+(FLAIR / T2 hyperintensity, where BraTS tumour and oedema are bright in both) - so which study the two
+"disagree" on is known: the one whose T2 channel was mirrored (left-right and front-back: its tumour no longer
+where the FLAIR's is, as if it came from another patient)."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medssl.data import BRATS_MODALITIES
+from medssl.label.disagreement import mask_dice, modality_dice, rank_by_disagreement
+
+
+class Bright(nn.Module):
+    """A stand-in modality network: logits > 0 where the (z-scored) intensity is above ``level``."""
+
+    def __init__(self, level: float = 1.5):
+        super().__init__()
+        self.level = level
+
+    def forward(self, x):
+        return (x - self.level) * 10.0
+
+
+def _studies(src, dst, n=3):
+    """``n`` real BraTS cases as 4-channel studies (``dst/<case>.nii.gz``, the flair's affine); the last one's
+    T2 is mirrored: its FLAIR and T2 disagree."""
+    cases = sorted(p for p in src.iterdir() if p.is_dir())[:n]
+    dst.mkdir(parents=True, exist_ok=True)
+    for k, case in enumerate(cases):
+        ref = nib.load(case / f"{case.name}_flair.nii.gz")
+        chans = [np.asarray(nib.load(case / f"{case.name}_{m}.nii.gz").dataobj, np.float32) for m in BRATS_MODALITIES]
+        if k == n - 1:
+            chans[BRATS_MODALITIES.index("t2")] = np.ascontiguousarray(np.flip(chans[BRATS_MODALITIES.index("t2")], (0, 1)))
+        nib.save(nib.Nifti1Image(np.stack(chans, -1), ref.affine, ref.header), dst / f"{case.name}.nii.gz")
+    return [c.name for c in cases]
+
+
+def _normalised(path):
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
+
+    t = Compose([LoadImaged("image"), EnsureChannelFirstd("image"), NormalizeIntensityd("image", nonzero=True,
+                                                                                         channel_wise=True)])
+    return t({"image": str(path)})["image"]
+
+
+def test_mask_dice_and_ranking():
+    a = torch.zeros(4, 4, 4, dtype=torch.bool)
+    b = a.clone()
+    assert mask_dice(a, b) == 1.0  # both empty: they agree
+    a[:2], b[1:3] = True, True
+    assert mask_dice(a, b) == pytest.approx(0.5)
+    assert rank_by_disagreement({"x": 0.9, "y": 0.2, "z": 0.2}) == ["y", "z", "x"]
+
+
+def test_the_study_whose_modalities_disagree_scores_lowest(brats_dir, tmp_path):
+    names = _studies(brats_dir, tmp_path)
+    nets, channels = {"flair": Bright(), "t2": Bright()}, {"flair": 0, "t2": 3}
+    scores = {n: modality_dice(_normalised(tmp_path / f"{n}.nii.gz"), nets, channels) for n in names}
+    assert rank_by_disagreement(scores)[0] == names[-1], scores
+    assert all(scores[n] > scores[names[-1]] + 0.1 for n in names[:-1]), scores
+
+
+def test_monai_label_strategy_serves_the_most_disagreeing_unlabelled_study(brats_dir, tmp_path, monkeypatch):
+    """The MONAI Label scoring method and strategy over a real LocalDatastore: the semi_cml bundle's own
+    preprocessing and sliding-window inferer (networks swapped for the stand-ins), scores stored in the
+    datastore, labelled studies never served."""
+    pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
+    import shutil
+
+    from monai.networks.nets import UNet
+    from monailabel.datastore.local import LocalDatastore
+
+    from medssl.bundles import bundle_path
+    from medssl.label import disagreement, strategy
+
+    studies = tmp_path / "studies"
+    names = _studies(brats_dir, studies, n=4)
+    (studies / "labels" / "final").mkdir(parents=True)
+    shutil.copy(brats_dir / names[1] / f"{names[1]}_seg.nii.gz", studies / "labels" / "final" / f"{names[1]}.nii.gz")
+    bundle = tmp_path / "semi_cml"
+    shutil.copytree(bundle_path("semi_cml") / "configs", bundle / "configs")
+    (bundle / "models").mkdir()
+    for m in ("flair", "t2"):  # weights the pair loads (then replaced by the stand-ins)
+        torch.save(UNet(3, 1, 1, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2)).state_dict(),
+                   bundle / "models" / f"model_{m}.pt")
+
+    class StandIns(disagreement.SemiCMLPair):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.nets = {m: Bright() for m in self.nets}
+
+    monkeypatch.setattr(strategy, "SemiCMLPair", StandIns)
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    assert sorted(store.get_unlabeled_images()) == sorted(n for n in names if n != names[1])
+    choose = strategy.ModalityDisagreement(strategy.ModalityDisagreementScoring(bundle))
+    chosen = choose({"strategy": "modality_disagreement"}, store)
+    assert chosen["id"] == names[-1]
+    stored = {n: store.get_image_info(n).get(strategy.SCORE_KEY) for n in names}
+    assert stored[names[1]] is None and chosen[strategy.SCORE_KEY] == min(v for v in stored.values() if v is not None)
