@@ -69,7 +69,12 @@ def stage_settings(bundle: str, stage: str) -> dict:
     """The settings a user can override on ``stage`` of ``bundle`` (``--id value``): its configs' top-level
     ids whose defaults are plain values (numbers, strings, booleans, lists of them; the overlays' values
     win), not the objects the stage builds."""
-    return _plain_settings(stage_config_files(bundle_path(bundle), stage))
+    return stage_settings_of(bundle_path(bundle), stage)
+
+
+def stage_settings_of(root: str | os.PathLike, stage: str) -> dict:
+    """:func:`stage_settings` of the bundle in folder ``root`` (e.g. a copy served by MONAI Label)."""
+    return _plain_settings(stage_config_files(Path(root), stage))
 
 
 def _plain_settings(files) -> dict:
@@ -145,17 +150,17 @@ def check_command_line(bundle_root: str) -> bool:
     return True
 
 
-def run_stage(bundle: str, stage: str, logging_file: str | bool | None = None, **overrides):
-    """Run ``stage`` of ``bundle`` exactly as ``python -m monai.bundle run`` does, with ``bundle_root``
-    set to the bundle's absolute path unless overridden. Overlay stages (``evaluate``, ``pretrain``,
-    ``prel``, ``multi_gpu_train``; :data:`medssl.contract.OVERLAYS`) are layered over ``train.json`` as
-    the model zoo does (start ``multi_gpu_train`` under ``torchrun``)."""
+def run_stage(bundle: str | os.PathLike, stage: str, logging_file: str | bool | None = None, **overrides):
+    """Run ``stage`` of ``bundle`` (a name, or a bundle folder as a ``Path``) exactly as ``python -m
+    monai.bundle run`` does, with ``bundle_root`` set to the bundle's absolute path unless overridden.
+    Overlay stages (``evaluate``, ``pretrain``, ``prel``, ``multi_gpu_train``; :data:`medssl.contract.OVERLAYS`)
+    are layered over ``train.json`` as the model zoo does (start ``multi_gpu_train`` under ``torchrun``)."""
     from monai.bundle import run
 
-    root = bundle_path(bundle)
+    root = Path(bundle) if isinstance(bundle, os.PathLike) else bundle_path(bundle)
     files = [str(f) for f in stage_config_files(root, stage)]
     overrides.setdefault("bundle_root", str(root))
-    _note_run(bundle, files, overrides)
+    _note_run(root.name, files, overrides)
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")
     return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),

@@ -1,9 +1,12 @@
-"""Active learning by modality disagreement (medssl.label.disagreement / .strategy) on real BraTS studies.
+"""The MONAI Label learning loop on real BraTS studies: active learning by modality disagreement
+(medssl.label.disagreement / .strategy) and training on labelled and unlabelled studies (medssl.label.trainer).
 
 The networks here are stand-ins with a known behaviour - each thresholds its own normalised modality
 (FLAIR / T2 hyperintensity, where BraTS tumour and oedema are bright in both) - so which study the two
 "disagree" on is known: the one whose T2 channel was mirrored (left-right and front-back: its tumour no longer
 where the FLAIR's is, as if it came from another patient)."""
+
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -102,3 +105,43 @@ def test_monai_label_strategy_serves_the_most_disagreeing_unlabelled_study(brats
     assert chosen["id"] == names[-1]
     stored = {n: store.get_image_info(n).get(strategy.SCORE_KEY) for n in names}
     assert stored[names[1]] is None and chosen[strategy.SCORE_KEY] == min(v for v in stored.values() if v is not None)
+
+
+def test_monai_label_training_uses_labelled_and_unlabelled_studies(brats_dir, tmp_path):
+    """MedsslTrainTask on a real LocalDatastore (3 labelled, 2 unlabelled studies): the datastore is written as
+    BraTS case folders (unlabelled studies without a seg, channels and affine kept), semi_cml's own train stage
+    runs on it with the unlabelled studies in its datalist, and the new weights replace the served ones."""
+    pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
+    import json
+    import shutil
+
+    from monailabel.datastore.local import LocalDatastore
+
+    from medssl.bundles import bundle_path
+    from medssl.label.trainer import MedsslTrainTask
+
+    studies = tmp_path / "studies"
+    names = _studies(brats_dir, studies, n=5)
+    (studies / "labels" / "final").mkdir(parents=True)
+    for n in names[:3]:
+        shutil.copy(brats_dir / n / f"{n}_seg.nii.gz", studies / "labels" / "final" / f"{n}.nii.gz")
+    bundle = tmp_path / "semi_cml"
+    for part in ("configs", "docs", "LICENSE"):
+        src = bundle_path("semi_cml") / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, bundle / part)
+    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    task = MedsslTrainTask(str(bundle), {})
+    out = task({"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "channels": [8, 16, 32, 64, 128],
+                "device": "cpu"}, store)
+    assert out["stages"] == ["train"] and out["labelled"] == names[:3] and out["unlabelled"] == names[3:]
+    view = tmp_path / "semi_cml" / "monailabel" / "data"
+    for n in names:
+        flair = nib.load(view / n / f"{n}_flair.nii.gz")
+        np.testing.assert_allclose(flair.affine, nib.load(studies / f"{n}.nii.gz").affine)
+        assert (view / n / f"{n}_seg.nii.gz").is_file() == (n in names[:3])
+    datalist = json.loads((Path(out["run"]) / "datalist.json").read_text())
+    assert len(datalist["validation"]) == 1 and not datalist["test"]
+    assert sorted(c["case"] for c in datalist["training"] if not c["labelled"]) == names[3:]
+    served = bundle / "models"
+    assert {"model.pt", "model_flair.pt", "model_t2.pt", "run.json"} <= {p.name for p in served.iterdir()}
+    assert json.loads((served / "run.json").read_text())["settings"]["dataset_dir"] == str(view)
