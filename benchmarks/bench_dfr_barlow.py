@@ -9,7 +9,8 @@ that they share the machine's background load.
 
 Steps compared (same ``DFRUNet``, all switches on):
   * ``barlow_twins``: pretrain.json - two augmented views per image (crop, flips, rot90, contrast,
-    intensity, blur, noise) + projector + ``BarlowTwinsLoss``; batch ``B_pre`` images = 2 x B_pre views.
+    intensity, blur, noise) + projector + ``BarlowTwinsLoss``; ``B_pre`` images x crops_per_image crops, two
+    views each (the network inputs counted per step).
   * ``supervised``: train.json with ``lac_weight 0`` - a plain DiceCE step of the same network on
     ``B`` random crops (the reference).
   * ``supervised+lesion_loss``: train.json as the method fine-tunes (DiceCE + lesion-aware contrastive).
@@ -73,15 +74,18 @@ def main(argv=None) -> dict:
                                  "epoch_length": args.steps + args.warmup, "val_interval": 2,
                                  "num_workers": w, **extra}
                     trainer = build_trainer("dfr_barlow", config, overrides)
-                    batch[kind] = trainer.data_loader.batch_size
+                    # images per step as the loader batches them, and the crops they make (Barlow Twins
+                    # cuts crops_per_image regions from each image; each crop then gives two views)
+                    first = next(iter(trainer.data_loader))
+                    batch[kind] = (trainer.data_loader.batch_size, first["view1" if kind == "barlow_twins" else "image"].shape[0])
                     t = time_steps(trainer, args.warmup)
                     for key in t:
                         samples[(kind, w)][key] += t[key]
                     print(f"round {r + 1}/{args.rounds} num_workers={w} {kind}: "
                           f"{sum(t['wait']) + sum(t['compute']):.1f} s for {len(t['compute'])} steps", flush=True)
 
-    rows = [step_row(kind, s, 2 * batch[kind] if kind == "barlow_twins" else batch[kind], num_workers=w,
-                     batch_images=batch[kind]) for (kind, w), s in samples.items()]
+    rows = [step_row(kind, s, 2 * batch[kind][1] if kind == "barlow_twins" else batch[kind][1], num_workers=w,
+                     batch_images=batch[kind][0]) for (kind, w), s in samples.items()]
     ref = {r["num_workers"]: r for r in rows if r["kind"] == "supervised"}
     for r in rows:
         r["step_time_vs_supervised"] = round(r["step_s"] / ref[r["num_workers"]]["step_s"], 2)

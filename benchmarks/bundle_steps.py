@@ -20,10 +20,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build_trainer(bundle: str, config: str, overrides: dict):
-    configs = REPO / "bundles" / bundle / "configs"
+    """``train#trainer`` of the bundle stage whose config is ``config`` (e.g. ``pretrain.json``), its
+    files layered as ``python -m monai.bundle run`` layers them (an overlay over ``train.json``)."""
+    from medssl.bundles import stage_config_files
+
+    root = REPO / "bundles" / bundle
     parser = ConfigParser()
-    parser.read_config(str(configs / config))
-    parser.read_meta(str(configs / "metadata.json"))
+    parser.read_config([str(f) for f in stage_config_files(root, Path(config).stem)])
+    parser.read_meta(str(root / "configs" / "metadata.json"))
+    parser.update({"bundle_root": str(root)})
     parser.update(overrides)
     monai.utils.set_determinism(seed=overrides.get("seed", 0))
     return parser.get_parsed_content("train#trainer")
