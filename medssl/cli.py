@@ -7,6 +7,8 @@
     medssl data split DIR --out FILE [--label_fraction 0.1] [--seed 0] [--val_fraction 0.15] [--test_fraction 0.3]
     medssl data check DIR
     medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --folds 5 --seed 0 --budget small --out DIR
+    medssl label serve --studies DIR [--bundles a,b] [--port 8000] [--weights name=RUN_DIR,...]
+    medssl label install APP_DIR [--bundles a,b] [--weights name=RUN_DIR,...]
 """
 
 import json
@@ -98,11 +100,81 @@ class Data:
         return f"{data_dir}: OK, {len(cases)} cases ({n_lab} labelled, {len(cases) - n_lab} without a label)"
 
 
+class Label:
+    """MONAI Label: serve the bundles to 3D Slicer / OHIF (needs the label extra)."""
+
+    def serve(self, studies: str, bundles: str = "", port: int = 8000, weights: str = "", out: str = "",
+              dryrun: bool = False):
+        """Start a MONAI Label server (127.0.0.1:PORT) whose models are the bundles.
+
+        Args:
+            studies: a MONAI Label studies folder (images at the top, labels/final/), or a data folder in the
+                BraTS layout (<case>/<case>_<modality>.nii.gz; each case becomes one 4-channel NIfTI study) or
+                the nuclei layout (images/, labels/), prepared into --out without touching the originals.
+            bundles: comma-separated bundles to serve (default all; those that cannot serve the studies are
+                listed as not served, with the reason, in the log and in GET /info/).
+            port: the server's port.
+            weights: comma-separated name=RUN_DIR: a trained run's folder (model.pt and run.json, whose settings
+                are applied so the served network matches) or a model file; default the bundle's models/model.pt.
+            out: where prepared studies and the served bundle folders go (default ~/.cache/medssl/label/<name>).
+            dryrun: prepare everything and print the server command without starting it.
+        """
+        from . import label
+
+        _need_monailabel()
+        try:
+            cmd = label.serve_command(studies, bundles=bundles, port=port, weights=weights, out=out)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"medssl label serve: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(" ".join(cmd), file=sys.stderr)
+        if dryrun:
+            return " ".join(cmd)
+        import subprocess
+
+        raise SystemExit(subprocess.call(cmd))
+
+    def install(self, app_dir: str, bundles: str = "", weights: str = "", kind: str = "brats"):
+        """Copy the bundles (configs, docs, LICENSE, weights where given) into APP_DIR/model/<name>, for a stock
+        MONAI Label monaibundle app (start it with --conf models <name>,...).
+
+        Args:
+            app_dir: the MONAI Label app folder (e.g. from `monailabel apps --download --name monaibundle`).
+            bundles: comma-separated bundles (default all).
+            weights: comma-separated name=RUN_DIR (a trained run's folder or a model file).
+            kind: the studies the app will serve: brats (4-channel NIfTI volumes) or nuclei (PNG).
+        """
+        from . import label
+
+        _need_monailabel()
+        if kind not in ("brats", "nuclei"):
+            print(f"medssl label install: kind {kind!r}; expected 'brats' or 'nuclei'", file=sys.stderr)
+            raise SystemExit(2)
+        try:
+            record = label.materialise_bundles(label.parse_bundles(bundles), Path(app_dir) / "model", kind,
+                                               label.parse_weights(weights))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"medssl label install: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        for name, r in record.items():
+            print(f"{name:24s} {'ready' if r['served'] else 'copied, not servable: ' + r['reason']}")
+        return None
+
+
+def _need_monailabel():
+    from .label import INSTALL_HINT, monailabel_available
+
+    if not monailabel_available():
+        print(f"medssl label: {INSTALL_HINT}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class CLI:
     """medssl: label-efficient segmentation methods as MONAI Bundles."""
 
     def __init__(self):
         self.data = Data()
+        self.label = Label()
 
     def bundles(self):
         """List the shipped bundles: name, paper, paradigm, stages."""

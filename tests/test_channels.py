@@ -38,3 +38,23 @@ def test_unsupported_channel_count_is_refused():
         AsChannels(3)(torch.zeros(5, 4, 4))
     with pytest.raises(ValueError, match="1 or 3"):
         AsChannels(2)
+
+
+def test_select_modality_reads_one_modality_of_a_stacked_study_or_passes_it_alone():
+    """semi_cml's inference input: a 4-channel study (MONAI Label's one image per study) -> the modality's
+    channel; a 1-channel volume (the BraTS folder layout) passes unchanged; 3 channels is refused naming the file."""
+    from monai.data import MetaTensor
+
+    from medssl.data import DataError
+    from medssl.transforms import SelectModalityd
+
+    stacked = MetaTensor(torch.arange(4.0).reshape(4, 1, 1, 1).expand(4, 2, 3, 2).clone(),
+                         meta={"filename_or_obj": "case.nii.gz"})
+    out = SelectModalityd("image", modality="t2")({"image": stacked})["image"]
+    assert out.shape == (1, 2, 3, 2) and torch.all(out == 3) and isinstance(out, MetaTensor)
+    alone = stacked[:1]
+    assert SelectModalityd("image", modality="t2")({"image": alone})["image"] is alone
+    with pytest.raises(DataError, match=r"case.nii.gz: 3 channels; expected 1 \(the flair volume\) or 4"):
+        SelectModalityd("image", modality="flair")({"image": stacked[:3]})
+    with pytest.raises(ValueError, match="modality"):
+        SelectModalityd("image", modality="pd")

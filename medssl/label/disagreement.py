@@ -78,8 +78,14 @@ class SemiCMLPair:
             self.nets[m] = load_pretrained(net, self.bundle_dir / "models" / f"model_{m}.pt",
                                            allow_head_mismatch=False).to(device).eval()
         self.inferer = parser.get_parsed_content("inferer")
-        # the image pipeline without its file-specific parts: load, channel first, orientation, normalisation
-        self.preprocessing = parser.get_parsed_content("preprocessing")
+        # the image pipeline (load, channel first, orientation, normalisation) on every channel: without the
+        # step that picks the served modality's channel out of a 4-channel study
+        from monai.transforms import Compose
+
+        from ..transforms import SelectModalityd
+
+        steps = parser.get_parsed_content("preprocessing").transforms
+        self.preprocessing = Compose([t for t in steps if not isinstance(t, SelectModalityd)])
         self.device = device
 
     def load(self, path: str | Path) -> torch.Tensor:

@@ -14,6 +14,7 @@ uses them (MONAI Label reloads a model whose file changed).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -69,6 +70,8 @@ class MedsslTrainTask(BundleTrainTask):
                     f"studies ({len(split['validation'])} validate) -> {run_dir}")
         common = {"dataset_dir": str(work / "data"), "datalist_file": str(datalist),
                   "device": f"$torch.device('{self._device(request)}')"}
+        if "dataset_name" in self._served():  # the data variant it is served for (dfr_barlow: BraTS slices or nuclei)
+            common["dataset_name"] = self._served()["dataset_name"]
         stages = []
         pretrained = self.root / "models" / "pretrained.pt"
         if "pretrain" in bundle_stages(self.root) and (request.get("pretrain") or not pretrained.is_file()):
@@ -90,14 +93,21 @@ class MedsslTrainTask(BundleTrainTask):
                                                                              "ckpt_dir", "bundle_root")}
         return {"max_epochs": int(request.get("max_epochs", 20)), **chosen}
 
+    def _served(self) -> dict:
+        """The served ``configs/inference.json`` (``medssl label serve`` writes the study kind's settings in it)."""
+        return json.loads((self.root / "configs" / "inference.json").read_text())
+
     def _publish(self, run_dir: Path, stages) -> list[str]:
-        """Copy the run's weights into the served ``models/`` (``model.pt`` last: the file inference watches)."""
-        models = self.root / "models"
-        files = sorted((run_dir / "train").glob("model_*.pt")) + [run_dir / "train" / "run.json"]
+        """Copy the run's weights into the served ``models/``, ``model.pt`` last (the file inference watches):
+        the network inference builds - for semi_cml, whose training keeps both modality networks, the served
+        ``modality``'s own ``model_<modality>.pt``."""
+        models, train = self.root / "models", run_dir / "train"
+        files = sorted(train.glob("model_*.pt")) + [train / "run.json"]
         if "pretrain" in stages:
             files.append(run_dir / "pretrain" / "pretrained.pt")
-        files = [f for f in files if f.is_file() and not f.name.startswith("model_step")]
-        files.append(run_dir / "train" / "model.pt")
-        for f in files:
-            atomic_write(models / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
-        return [f.name for f in files]
+        files = [(f, f.name) for f in files if f.is_file() and not f.name.startswith("model_step")]
+        modality = self._served().get("modality")
+        files.append((train / f"model_{modality}.pt" if modality else train / "model.pt", "model.pt"))
+        for src, name in files:
+            atomic_write(models / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        return [name for _, name in files]

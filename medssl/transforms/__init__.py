@@ -1,10 +1,10 @@
 """MONAI-style array and dictionary transforms of the medssl methods."""
 
 from .context_swap import RandContextSwap, RandContextSwapd
-from .channels import AsChannels, AsChannelsd
+from .channels import AsChannels, AsChannelsd, SelectModality, SelectModalityd
 from .block_mix import RandModalityBlockMix, RandModalityBlockMixd
 from .patch_mask import RandPatchMask, RandPatchMaskd
 from .views import RandTwoViewsd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
 
-__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "SelectModality", "SelectModalityd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]

@@ -60,3 +60,48 @@ class AsChannelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class SelectModality(Transform):
+    """Channel-first multi-modal image ``(len(modalities), *spatial)`` -> ``(1, *spatial)``, the channel of
+    ``modality``; a one-channel image (that modality alone) passes unchanged. For a single-modality network
+    (semi_cml) fed a study that stacks all modalities (MONAI Label's one image per study: BraTS as one
+    4-channel NIfTI, channels in ``modalities`` order). Any other channel count raises
+    :class:`medssl.data.DataError` naming the image and what was expected."""
+
+    backend = ["torch", "numpy"]
+
+    def __init__(self, modality: str, modalities=("flair", "t1", "t1ce", "t2")):
+        from medssl.utils import check_choice
+
+        self.modalities = tuple(modalities)
+        self.index = self.modalities.index(check_choice("modality", modality, self.modalities))
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        c = img.shape[0]
+        if c == 1:
+            return img
+        if c == len(self.modalities):
+            return img[self.index : self.index + 1]
+        from medssl.data import DataError
+
+        where = getattr(img, "meta", {}).get("filename_or_obj", "image")
+        raise DataError([f"{where}: {c} channels; expected 1 (the {self.modalities[self.index]} volume) or "
+                         f"{len(self.modalities)} (the modalities {', '.join(self.modalities)} in this order)"])
+
+
+class SelectModalityd(MapTransform):
+    """Dictionary wrapper of :class:`SelectModality`."""
+
+    backend = SelectModality.backend
+
+    def __init__(self, keys: KeysCollection, modality: str, modalities=("flair", "t1", "t1ce", "t2"),
+                 allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.selector = SelectModality(modality, modalities)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.selector(d[key])
+        return d
