@@ -308,7 +308,9 @@ def test_dfr_barlow_serves_nuclei_pngs_in_process(tmp_path):
     (tmp_path / "run").mkdir()
     torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "run" / "model.pt")
     L.materialise_bundles(["dfr_barlow", "slem"], tmp_path / "model", "nuclei", {"dfr_barlow": tmp_path / "run"})
-    app = MedsslApp(str(L.APP_DIR), str(tmp_path / "studies"),
+    (tmp_path / "app").mkdir()  # MONAI Label writes logs into its app folder: a copy, as `serve` uses
+    shutil.copyfile(L.APP_DIR / "main.py", tmp_path / "app" / "main.py")
+    app = MedsslApp(str(tmp_path / "app"), str(tmp_path / "studies"),
                     {"models_dir": str(tmp_path / "model"), "kind": "nuclei", "bundles": "dfr_barlow,slem",
                      "skip_trainers": "true"})
     info = app.info()

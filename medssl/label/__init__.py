@@ -401,8 +401,13 @@ def serve_command(studies: str | Path, bundles="", port: int = 8000, weights="",
     record = materialise_bundles(names, work / "model", kind, weights)
     if not any(r["served"] for r in record.values()):
         raise ValueError("no bundle can be served: " + "; ".join(f"{n}: {r['reason']}" for n, r in record.items()))
+    # MONAI Label writes its logs (and caches) inside the app folder: serve a copy under ``work``, never the
+    # package's own folder (read-only in an installed package)
+    app = work / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(APP_DIR / "main.py", app / "main.py")
     exe = Path(sys.executable).with_name("monailabel")
     head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
-    return head + ["start_server", "--app", str(APP_DIR), "--studies", str(studies_dir), "--host", "127.0.0.1",
+    return head + ["start_server", "--app", str(app), "--studies", str(studies_dir), "--host", "127.0.0.1",
                    "--port", str(int(port)), "--conf", "models_dir", str(work / "model"), "--conf", "bundles",
                    ",".join(names), "--conf", "kind", kind]
