@@ -11,8 +11,12 @@ from .contract import STAGES, stage_files
 
 
 def bundles_dir() -> Path:
-    """``$MEDSSL_BUNDLES_DIR``, else the ``bundles/`` folder beside the package (editable install)."""
-    return Path(os.environ.get("MEDSSL_BUNDLES_DIR") or PACKAGE_DIR.parent / "bundles")
+    """``$MEDSSL_BUNDLES_DIR``; else the ``bundles/`` folder beside the package (a source checkout, editable
+    install); else the copy an installed wheel carries in the package (``medssl/_bundles``, see setup.py)."""
+    if os.environ.get("MEDSSL_BUNDLES_DIR"):
+        return Path(os.environ["MEDSSL_BUNDLES_DIR"])
+    checkout = PACKAGE_DIR.parent / "bundles"
+    return checkout if checkout.is_dir() else PACKAGE_DIR / "_bundles"
 
 
 def bundle_path(name: str) -> Path:
