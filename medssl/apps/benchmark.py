@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -244,7 +243,7 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
     if not run.selected and not run.record.is_file():
         return None
     if run.kind == "pretrain":
-        shutil.rmtree(run.dir, ignore_errors=True)  # an unfinished pretraining starts afresh, as below
+        # an unfinished pretraining resumes from its last epoch, exactly (as train_run); its time counts the rest
         t0 = time.perf_counter()
         run_stage(ctx.bundle, "pretrain", ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
                   **ctx.common, **run.overrides)
