@@ -95,10 +95,12 @@ def monai_command(stage: str, *args) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", "--config_file", config_arg, *map(str, args)]
 
 
-def check_killed_run_resumes_exactly(configs: Path, stage: str, args, tmp_path: Path, checkpoint: str) -> None:
-    """Run ``stage`` with ``args`` uninterrupted into one folder; run it again into another, SIGKILL it once
-    its first epoch's checkpoint is written (mid-run), and run it once more there, which resumes. The
-    resumed run must end with exactly the uninterrupted one's weights, losses and validation curve."""
+def check_killed_run_resumes_exactly(configs: Path, stage: str, args, tmp_path: Path, checkpoint: str,
+                                     whole: Path | None = None) -> None:
+    """Run ``stage`` with ``args`` uninterrupted into one folder (or take ``whole``, a finished run of the same
+    ``args``); run it again into another, SIGKILL it once its first epoch's checkpoint is written (mid-run), and
+    run it once more there, which resumes. The resumed run must end with exactly the uninterrupted one's
+    weights, losses and validation curve."""
     import json
     import subprocess
     import time
@@ -109,8 +111,10 @@ def check_killed_run_resumes_exactly(configs: Path, stage: str, args, tmp_path: 
         trainer = torch.load(path, weights_only=False)["trainer"]
         return trainer["iteration"] // trainer["epoch_length"]
 
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    monai_run(configs, stage, *args, "--ckpt_dir", whole)
+    cut = tmp_path / "cut"
+    if whole is None:
+        whole = tmp_path / "whole"
+        monai_run(configs, stage, *args, "--ckpt_dir", whole)
     proc = subprocess.Popen(monai_command(stage, *args, "--ckpt_dir", cut), cwd=configs.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
     try:

@@ -16,6 +16,7 @@ from conftest import TINY, bundle_runner, case_file, check_killed_run_resumes_ex
 BUNDLE, CONFIGS, monai_run = bundle_runner("semi_cml")
 SMALL = ["--channels", "[8,16,32,64,128]"]
 TRAIN = [*TINY, "--val_interval", "1", *SMALL]
+CML = ["--max_epochs", "2", "--epoch_length", "2", "--val_interval", "1", *SMALL]  # 2 epochs: a run to cut midway
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("semi_cml")
-    monai_run("train", *TRAIN, "--ckpt_dir", root / "cml")
+    monai_run("train", *CML, "--ckpt_dir", root / "cml")
     monai_run("prel", *TRAIN, "--cml_ckpt", root / "cml" / "model.pt", "--ckpt_dir", root / "prel")
     monai_run("evaluate", *SMALL, "--ckpt_dir", root / "prel", "--output_dir", root / "eval")
     return root
@@ -37,14 +38,14 @@ def test_train_saves_the_pair_and_each_modality_network(runs):
         assert all(torch.equal(v, pair[f"networks.{m}.{k}"]) for k, v in own.items())
     state = torch.load(runs / "cml" / "train_checkpoint.pt", weights_only=False)
     assert {"optimizer_flair", "optimizer_t2", "lr_scheduler_flair", "lr_scheduler_t2"} <= set(state)
-    assert state["trainer"]["iteration"] == 2
+    assert state["trainer"]["iteration"] == 4
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(runs, tmp_path):
     """Two data streams (labelled, unlabelled) and the contrastive memory bank: a run SIGKILLed mid-way and
-    run again ends with the same two networks, losses and validation curve as one never interrupted."""
-    check_killed_run_resumes_exactly(CONFIGS, "train", ["--max_epochs", 2, "--epoch_length", 3, "--val_interval", 2,
-                                                        *SMALL], tmp_path, "train_checkpoint.pt")
+    run again ends with the same two networks, losses and validation curve as one never interrupted (the
+    module's cml run, trained with the same settings)."""
+    check_killed_run_resumes_exactly(CONFIGS, "train", CML, tmp_path, "train_checkpoint.pt", whole=runs / "cml")
 
 
 def test_prel_chooses_the_teacher_by_validation_dice_and_keeps_it_frozen(runs):
@@ -120,10 +121,10 @@ def test_bad_pairs_and_settings_stop_before_training(brats_copy, tmp_path):
 
 def test_resume_export_and_metadata(runs, tmp_path):
     shutil.copytree(runs / "cml", tmp_path / "cml")
-    r = monai_run("train", "--max_epochs", 2, "--epoch_length", 2, "--val_interval", 1, *SMALL,
+    r = monai_run("train", "--max_epochs", 3, "--epoch_length", 2, "--val_interval", 1, *SMALL,
                   "--ckpt_dir", tmp_path / "cml")
     assert "resumed from" in r.stdout + r.stderr
-    assert torch.load(tmp_path / "cml" / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 4
+    assert torch.load(tmp_path / "cml" / "train_checkpoint.pt", weights_only=False)["trainer"]["iteration"] == 6
     ref = UNet(3, 1, 1, (8, 16, 32, 64, 128), (2, 2, 2, 2), num_res_units=0)
     check_metadata_and_export(BUNDLE, runs / "prel" / "model_t2.pt", ref, torch.randn(1, 1, 64, 64, 64), tmp_path,
                               overrides=SMALL)
