@@ -9,6 +9,10 @@
     medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --folds 5 --seed 0 --budget small --out DIR
     medssl label serve --studies DIR [--bundles a,b] [--port 8000] [--weights name=RUN_DIR,...]
     medssl label install APP_DIR [--bundles a,b] [--weights name=RUN_DIR,...]
+    medssl zoo package BUNDLE --weights RUN_DIR --out DIR [--base_url URL] [--max_file_mb 25]
+    medssl zoo verify PATH
+    medssl zoo index DIR [--base_url URL]
+    medssl zoo install NAME --zoo URL_OR_DIR --bundle_dir DIR [--version V] [--force]
 """
 
 import json
@@ -161,6 +165,91 @@ class Label:
         return None
 
 
+class Zoo:
+    """Bundle zoo (the MONAI model zoo's layout): package, verify, index, install."""
+
+    def package(self, bundle: str, weights: str = "", out: str = "zoo", base_url: str = "", max_file_mb: float = 25.0):
+        """Package a bundle with a trained run's weights: OUT/BUNDLE/ (configs, docs, LICENSE, models/model.pt,
+        models/model.ts from MONAI's ckpt_export, large_files.yml with each weight's URL and SHA-256) and
+        OUT/BUNDLE_v<version>.zip (files over --max_file_mb stay out of the zip; install fetches them).
+
+        Args:
+            bundle: a bundle name (`medssl bundles` lists them).
+            weights: a trained run's folder (model.pt and run.json; semi_cml: model_<modality>.pt too). The
+                settings it was trained with that inference.json has are written into the packaged inference.json.
+            out: the zoo folder.
+            base_url: where OUT will be served (large_files.yml's URLs; default OUT's file:// URI).
+            max_file_mb: files larger than this are left out of the zip (the model zoo's limit: 25).
+        """
+        from .zoo import ZooError, package
+
+        if not weights:
+            _zoo_refuse("package", "--weights RUN_DIR is required (a trained run's folder with model.pt)")
+        try:
+            z = package(bundle, out, weights, base_url=base_url, max_file_mb=max_file_mb)
+        except (ZooError, ValueError, FileNotFoundError) as e:
+            _zoo_refuse("package", e)
+        print(z)
+
+    def verify(self, path: str, max_file_mb: float = 25.0):
+        """The model zoo CI's checks on a packaged bundle folder, one line each; exit 1 if any fails: large files
+        (fetched where absent, hashes checked), required files, version in the changelog, metadata against the
+        shipped schema (offline; monai_version, network_data_format), file sizes, verify_net_in_out (n=1),
+        ckpt_export (and models/model.ts gives its output), MONAI's inference properties, monai.bundle.load.
+
+        Args:
+            path: the bundle folder (e.g. OUT/BUNDLE from package, or an installed bundle).
+            max_file_mb: the size limit for a file not listed in large_files.yml.
+        """
+        from .zoo import verify
+
+        checks = verify(path, max_file_mb=max_file_mb)
+        for c in checks:
+            print(c.line())
+        if not all(c.ok for c in checks):
+            raise SystemExit(1)
+
+    def index(self, zoo_dir: str, base_url: str = ""):
+        """Write ZOO_DIR/model_info.json (the model zoo's format) for its <name>_v<version>.zip files, so that
+        `medssl zoo install`, MONAI's `download` and `get_all_bundles_list` read it.
+
+        Args:
+            zoo_dir: the folder of packaged zips.
+            base_url: the URL ZOO_DIR is served at (sources become absolute URLs; default relative names).
+        """
+        from .zoo import ZooError, index
+
+        try:
+            print(index(zoo_dir, base_url=base_url))
+        except ZooError as e:
+            _zoo_refuse("index", e)
+
+    def install(self, name: str, zoo: str = "", bundle_dir: str = "", version: str = "", force: bool = False):
+        """Install a bundle from a zoo: download its zip, check its checksum and paths, unpack, fetch and check
+        its large files, check its files and metadata; all in a temporary folder renamed into place at the end.
+
+        Args:
+            name: the bundle name.
+            zoo: the zoo (a folder or URL holding model_info.json, or model_info.json itself).
+            bundle_dir: where the bundle folder goes (BUNDLE_DIR/NAME).
+            version: a version (default the latest).
+            force: replace an installed copy.
+        """
+        from .zoo import ZooError, install
+
+        if not zoo or not bundle_dir:
+            _zoo_refuse("install", "--zoo URL_OR_DIR and --bundle_dir DIR are required")
+        try:
+            print(install(name, zoo, bundle_dir, version=version, force=force))
+        except ZooError as e:
+            _zoo_refuse("install", e)
+
+
+def _zoo_refuse(command: str, message) -> None:
+    print(f"medssl zoo {command}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _need_monailabel():
     from .label import INSTALL_HINT, monailabel_available
 
@@ -175,6 +264,7 @@ class CLI:
     def __init__(self):
         self.data = Data()
         self.label = Label()
+        self.zoo = Zoo()
 
     def bundles(self):
         """List the shipped bundles: name, paper, paradigm, stages."""
