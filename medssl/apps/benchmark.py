@@ -433,7 +433,9 @@ def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, p
         for run in bar:
             bar.set_postfix_str(run.label)
             if run.kind == "pretrain":
-                _record_pretraining(results, run, execute(run, ctx))
+                record = execute(run, ctx)  # None: a pretraining no selected variant needs, left unfinished earlier
+                if record:
+                    _record_pretraining(results, run, record)
             elif run.selected or (run.dir / "trained.json").is_file():
                 trained.setdefault((run.fraction, run.name), []).append(train_run(run, ctx))
         chosen = select_steps(trained, steps)
