@@ -146,6 +146,8 @@ def test_benchmark_harness_writes_its_result_files(tmp_path, brats_copy):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     # reproducible: the same runs again, in a fresh folder, give the same Dice on every case
     again_out = tmp_path / "again"
+    # a pretraining that no selected variant needs, left unfinished by an earlier call: reported if finished, else skipped
+    (again_out / "fold0" / "pretrain_method").mkdir(parents=True)
     rerun = run_benchmark("context_restoration", str(data), out=str(again_out), variants="baseline", **SMOKE)
     assert [r["cases"] for r in rerun["runs"]] == [r["cases"] for r in saved["runs"] if r["variant"] == "baseline"]
     # an unfinished run (cut off after its training's last checkpoint) resumes from it, to the same numbers
