@@ -237,3 +237,16 @@ def trained_with(ckpt_dir) -> str:
     except (OSError, json.JSONDecodeError):
         return ""
     return " ".join(f"--{k} {json.dumps(v)}" for k, v in given.items() if k not in _PLACE)
+
+
+def set_config_id(config: dict, key: str, value) -> None:
+    """Set config id ``key`` (``a#b#c`` for a nested one; list items by index) in a bundle config dict, as
+    MONAI's ``ConfigParser`` addresses it: how a served or packaged ``inference.json`` gets a run's settings."""
+    parts = key.split("#")
+    node = config
+    for p in parts[:-1]:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    if isinstance(node, list):
+        node[int(parts[-1])] = value
+    else:
+        node[parts[-1]] = value

@@ -157,18 +157,6 @@ def metadata_problems(root: Path) -> list[str]:
 
 # --- package --------------------------------------------------------------------------------------------------
 
-def _set_id(config: dict, key: str, value) -> None:
-    """Set ``a#b#c`` in a nested config dict (list items by index)."""
-    parts = key.split("#")
-    node = config
-    for p in parts[:-1]:
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
-
-
 def _weights_of(bundle: str, run_dir: Path, inference: dict) -> dict[str, Path]:
     """``{packaged file name: run file}``: the network inference.json loads, as ``model.pt``; semi_cml's
     inference modality's network (``model_<modality>.pt``, its run's model.pt holds both) also under its own
@@ -212,7 +200,7 @@ def package(bundle: str, out, weights, base_url: str = "", max_file_mb: float = 
     from monai.bundle import ConfigParser, ckpt_export
 
     from . import __version__
-    from .bundles import bundle_path, format_config, recorded_settings
+    from .bundles import bundle_path, format_config, recorded_settings, set_config_id
 
     src, out, run_dir = bundle_path(bundle), Path(out), Path(weights)
     out.mkdir(parents=True, exist_ok=True)
@@ -229,7 +217,7 @@ def package(bundle: str, out, weights, base_url: str = "", max_file_mb: float = 
         inference = json.loads((root / "configs" / "inference.json").read_text())
         settings = recorded_settings(bundle, "inference", run_dir)
         for key, value in settings.items():
-            _set_id(inference, key, value)
+            set_config_id(inference, key, value)
         (root / "configs" / "inference.json").write_text(format_config(inference) + "\n")
         parser = ConfigParser()
         parser.read_config(str(root / "configs" / "inference.json"))

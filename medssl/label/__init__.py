@@ -234,18 +234,6 @@ def _weights_file(name: str, source: Path, settings: dict) -> Path:
                             f"folder (or a model file)")
 
 
-def set_config_value(config: dict, key: str, value) -> None:
-    """Set ``key`` (a config id, ``a#b#c`` for a nested one) in a bundle config dict."""
-    parts = key.split("#")
-    node = config
-    for p in parts[:-1]:
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-    if isinstance(node, list):
-        node[int(parts[-1])] = value
-    else:
-        node[parts[-1]] = value
-
-
 def served_settings(name: str, kind: str, weights: Path | None) -> dict:
     """The inference.json settings of bundle ``name`` served on ``kind`` studies: the study kind's data
     variant, then those the run in ``weights`` was trained with (:func:`medssl.bundles.recorded_settings`).
@@ -289,10 +277,11 @@ def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights
             shutil.copytree(src / part, dest / part)
     if (src / "LICENSE").is_file():
         shutil.copyfile(src / "LICENSE", dest / "LICENSE")
+    from ..bundles import format_config, set_config_id
+
     config = json.loads((src / "configs" / "inference.json").read_text())
     for k, v in settings.items():
-        set_config_value(config, k, v)
-    from ..bundles import format_config
+        set_config_id(config, k, v)
 
     (dest / "configs" / "inference.json").write_text(format_config(config) + "\n")
     model = dest / "models" / "model.pt"
