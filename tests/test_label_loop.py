@@ -145,3 +145,43 @@ def test_monai_label_training_uses_labelled_and_unlabelled_studies(brats_dir, tm
     served = bundle / "models"
     assert {"model.pt", "model_flair.pt", "model_t2.pt", "run.json"} <= {p.name for p in served.iterdir()}
     assert json.loads((served / "run.json").read_text())["settings"]["dataset_dir"] == str(view)
+
+
+def test_monai_label_training_pretrains_on_every_study_then_fine_tunes(brats_dir, tmp_path):
+    """A self-supervised bundle (context_restoration) with no pretrained weights served: MedsslTrainTask runs its
+    pretrain stage on the training studies (the 2 unlabelled ones too; the validating study is held out, as the
+    bundle's pretraining always holds out validation cases), fine-tunes from those weights on the labelled
+    training study, and serves both the new model and the new pretrained weights."""
+    pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
+    import json
+    import shutil
+
+    import torch
+    from monailabel.datastore.local import LocalDatastore
+
+    from medssl.bundles import bundle_path
+    from medssl.label.trainer import MedsslTrainTask
+
+    studies = tmp_path / "studies"
+    names = _studies(brats_dir, studies, n=4)
+    (studies / "labels" / "final").mkdir(parents=True)
+    for n in names[:2]:
+        shutil.copy(brats_dir / n / f"{n}_seg.nii.gz", studies / "labels" / "final" / f"{n}.nii.gz")
+    bundle = tmp_path / "context_restoration"
+    for part in ("configs", "docs", "LICENSE"):
+        src = bundle_path("context_restoration") / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, bundle / part)
+    task = MedsslTrainTask(str(bundle), {})
+    out = task({"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "device": "cpu"},
+               LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False))
+    assert out["stages"] == ["pretrain", "train"] and out["unlabelled"] == names[2:]
+    run = Path(out["run"])
+    pretrain = json.loads((run / "pretrain" / "run.json").read_text())
+    assert pretrain["stage"] == "pretrain" and pretrain["settings"]["dataset_dir"].endswith("monailabel/data")
+    trained = json.loads((run / "train" / "run.json").read_text())
+    assert trained["settings"]["pretrained_ckpt"] == str(run / "pretrain" / "pretrained.pt")
+    assert trained["run_settings"]["init"] == "method"
+    served = bundle / "models"
+    for name, src in (("model.pt", run / "train" / "model.pt"), ("pretrained.pt", run / "pretrain" / "pretrained.pt")):
+        a, b = torch.load(served / name, weights_only=True), torch.load(src, weights_only=True)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

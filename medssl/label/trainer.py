@@ -6,8 +6,8 @@ so :class:`MedsslTrainTask` instead writes the datastore as a data set in the bu
 (:func:`medssl.label.view.write_view`: studies without a label become unlabelled cases), splits it (all
 labelled studies train or validate, ``val_split`` of them validate, none is held out for test; every
 unlabelled study trains) and runs the bundle's own stages on it through ``monai.bundle run``:
-``pretrain`` on every study where the bundle has one (when asked, or when no pretrained weights are
-served yet), then ``train`` - semi_cml's unlabelled stream and the pretext tasks see the unlabelled
+``pretrain`` on every training study, labelled or not, where the bundle has one (when asked, or when no
+pretrained weights are served yet), then ``train`` - semi_cml's unlabelled stream and the pretext tasks see the unlabelled
 studies. The new weights (and ``run.json``) replace the served ones atomically, so the next inference
 uses them (MONAI Label reloads a model whose file changed).
 """
