@@ -250,3 +250,15 @@ def set_config_id(config: dict, key: str, value) -> None:
         node[int(parts[-1])] = value
     else:
         node[parts[-1]] = value
+
+
+def inference_weights(run_dir, inference: dict) -> Path:
+    """The file of a trained run's folder that the network of ``inference`` (an inference.json as a dict)
+    loads: ``model_<modality>.pt`` where inference.json builds one modality network (semi_cml, whose run's
+    ``model.pt`` holds both), else ``model.pt``. Raises ``FileNotFoundError`` naming the file."""
+    modality = inference.get("modality")
+    path = Path(run_dir) / (f"model_{modality}.pt" if modality else "model.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected the run's {modality} network (the modality inference.json "
+                                f"uses)" if modality else f"{path}: missing; expected a trained run's folder")
+    return path

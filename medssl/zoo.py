@@ -163,13 +163,14 @@ def _weights_of(bundle: str, run_dir: Path, inference: dict) -> dict[str, Path]:
     name, with every other modality network of the run, so ``--modality`` still picks one."""
     if not (run_dir / "model.pt").is_file():
         raise ZooError(f"{run_dir}: no model.pt; expected a trained run's folder (--weights RUN_DIR)")
+    from .bundles import inference_weights
+
+    try:
+        files = {"model.pt": inference_weights(run_dir, inference)}
+    except FileNotFoundError as e:
+        raise ZooError(str(e)) from None
     if "modality" not in inference:
-        return {"model.pt": run_dir / "model.pt"}
-    own = run_dir / f"model_{inference['modality']}.pt"
-    if not own.is_file():
-        raise ZooError(f"{own}: missing; expected the run's {inference['modality']} network "
-                       f"(the modality inference.json uses)")
-    files = {"model.pt": own}
+        return files
     files.update({p.name: p for p in sorted(run_dir.glob("model_*.pt"))
                   if p.stem[len("model_"):] in inference.get("modalities", [])})
     return files

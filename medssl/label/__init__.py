@@ -220,20 +220,6 @@ def parse_bundles(bundles) -> list[str]:
     return names
 
 
-def _weights_file(name: str, source: Path, settings: dict) -> Path:
-    """The model file of a run folder (semi_cml: ``model_<modality>.pt``) or the file itself."""
-    if source.is_file():
-        return source
-    candidates = [source / "model.pt"]
-    if name == "semi_cml":
-        candidates.insert(0, source / f"model_{settings.get('modality', 'flair')}.pt")
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise FileNotFoundError(f"{source}: no {' or '.join(c.name for c in candidates)}; expected a trained run's "
-                            f"folder (or a model file)")
-
-
 def served_settings(name: str, kind: str, weights: Path | None) -> dict:
     """The inference.json settings of bundle ``name`` served on ``kind`` studies: the study kind's data
     variant, then those the run in ``weights`` was trained with (:func:`medssl.bundles.recorded_settings`).
@@ -277,7 +263,7 @@ def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights
             shutil.copytree(src / part, dest / part)
     if (src / "LICENSE").is_file():
         shutil.copyfile(src / "LICENSE", dest / "LICENSE")
-    from ..bundles import format_config, set_config_id
+    from ..bundles import format_config, inference_weights, set_config_id
 
     config = json.loads((src / "configs" / "inference.json").read_text())
     for k, v in settings.items():
@@ -288,7 +274,8 @@ def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights
     model.parent.mkdir(parents=True, exist_ok=True)
     if weights is not None:
         try:
-            shutil.copyfile(_weights_file(name, Path(weights), settings), model)
+            source = Path(weights)
+            shutil.copyfile(source if source.is_file() else inference_weights(source, config), model)
         except FileNotFoundError as e:
             return str(e)
         if name == "semi_cml" and Path(weights).is_dir():  # every modality network (active learning compares them)

@@ -24,7 +24,7 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from ..bundles import bundle_stages, run_stage, stage_settings_of
+from ..bundles import bundle_stages, inference_weights, run_stage, stage_settings_of
 from ..data import LAYOUTS, DataError, make_split, write_datalist
 from ..utils import atomic_write
 from .view import write_view
@@ -70,8 +70,9 @@ class MedsslTrainTask(BundleTrainTask):
                     f"studies ({len(split['validation'])} validate) -> {run_dir}")
         common = {"dataset_dir": str(work / "data"), "datalist_file": str(datalist),
                   "device": f"$torch.device('{self._device(request)}')"}
-        if "dataset_name" in self._served():  # the data variant it is served for (dfr_barlow: BraTS slices or nuclei)
-            common["dataset_name"] = self._served()["dataset_name"]
+        served = self._served()
+        if "dataset_name" in served:  # the data variant it is served for (dfr_barlow: BraTS slices or nuclei)
+            common["dataset_name"] = served["dataset_name"]
         stages = []
         pretrained = self.root / "models" / "pretrained.pt"
         if "pretrain" in bundle_stages(self.root) and (request.get("pretrain") or not pretrained.is_file()):
@@ -83,7 +84,7 @@ class MedsslTrainTask(BundleTrainTask):
         run_stage(self.root, "train", ckpt_dir=str(run_dir / "train"), **common, **start,
                   **self._settings("train", request))
         stages.append("train")
-        published = self._publish(run_dir, stages)
+        published = self._publish(run_dir, stages, served)
         return {"run": str(run_dir), "stages": stages, "labelled": view["labelled"], "unlabelled": view["unlabelled"],
                 "published": published}
 
@@ -97,7 +98,7 @@ class MedsslTrainTask(BundleTrainTask):
         """The served ``configs/inference.json`` (``medssl label serve`` writes the study kind's settings in it)."""
         return json.loads((self.root / "configs" / "inference.json").read_text())
 
-    def _publish(self, run_dir: Path, stages) -> list[str]:
+    def _publish(self, run_dir: Path, stages, served: dict) -> list[str]:
         """Copy the run's weights into the served ``models/``, ``model.pt`` last (the file inference watches):
         the network inference builds - for semi_cml, whose training keeps both modality networks, the served
         ``modality``'s own ``model_<modality>.pt``."""
@@ -106,8 +107,7 @@ class MedsslTrainTask(BundleTrainTask):
         if "pretrain" in stages:
             files.append(run_dir / "pretrain" / "pretrained.pt")
         files = [(f, f.name) for f in files if f.is_file() and not f.name.startswith("model_step")]
-        modality = self._served().get("modality")
-        files.append((train / f"model_{modality}.pt" if modality else train / "model.pt", "model.pt"))
+        files.append((inference_weights(train, served), "model.pt"))
         for src, name in files:
             atomic_write(models / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
         return [name for _, name in files]
