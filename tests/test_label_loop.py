@@ -43,6 +43,34 @@ def _studies(src, dst, n=3):
     return [c.name for c in cases]
 
 
+def _datastore(brats_dir, tmp_path, n: int, labelled: int):
+    """``n`` studies (:func:`_studies`) in ``tmp_path/studies``, the first ``labelled`` with their seg as the final
+    label, as a MONAI Label ``LocalDatastore``: ``(names, studies folder, datastore)``."""
+    import shutil
+
+    from monailabel.datastore.local import LocalDatastore
+
+    studies = tmp_path / "studies"
+    names = _studies(brats_dir, studies, n=n)
+    (studies / "labels" / "final").mkdir(parents=True)
+    for name in names[:labelled]:
+        shutil.copy(brats_dir / name / f"{name}_seg.nii.gz", studies / "labels" / "final" / f"{name}.nii.gz")
+    return names, studies, LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+
+
+def _served_copy(bundle: str, tmp_path):
+    """A bundle folder as MONAI Label serves it, without weights (configs, docs, LICENSE)."""
+    import shutil
+
+    from medssl.bundles import bundle_path
+
+    dst = tmp_path / bundle
+    for part in ("configs", "docs", "LICENSE"):
+        src = bundle_path(bundle) / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, dst / part)
+    return dst
+
+
 def _normalised(path):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd
 
@@ -113,23 +141,11 @@ def test_monai_label_training_uses_labelled_and_unlabelled_studies(brats_dir, tm
     runs on it with the unlabelled studies in its datalist, and the new weights replace the served ones."""
     pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
     import json
-    import shutil
 
-    from monailabel.datastore.local import LocalDatastore
-
-    from medssl.bundles import bundle_path
     from medssl.label.trainer import MedsslTrainTask
 
-    studies = tmp_path / "studies"
-    names = _studies(brats_dir, studies, n=5)
-    (studies / "labels" / "final").mkdir(parents=True)
-    for n in names[:3]:
-        shutil.copy(brats_dir / n / f"{n}_seg.nii.gz", studies / "labels" / "final" / f"{n}.nii.gz")
-    bundle = tmp_path / "semi_cml"
-    for part in ("configs", "docs", "LICENSE"):
-        src = bundle_path("semi_cml") / part
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, bundle / part)
-    store = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    names, studies, store = _datastore(brats_dir, tmp_path, n=5, labelled=3)
+    bundle = _served_copy("semi_cml", tmp_path)
     task = MedsslTrainTask(str(bundle), {})
     out = task({"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "channels": [8, 16, 32, 64, 128],
                 "device": "cpu"}, store)
@@ -154,26 +170,13 @@ def test_monai_label_training_pretrains_on_every_study_then_fine_tunes(brats_dir
     training study, and serves both the new model and the new pretrained weights."""
     pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
     import json
-    import shutil
 
-    import torch
-    from monailabel.datastore.local import LocalDatastore
-
-    from medssl.bundles import bundle_path
     from medssl.label.trainer import MedsslTrainTask
 
-    studies = tmp_path / "studies"
-    names = _studies(brats_dir, studies, n=4)
-    (studies / "labels" / "final").mkdir(parents=True)
-    for n in names[:2]:
-        shutil.copy(brats_dir / n / f"{n}_seg.nii.gz", studies / "labels" / "final" / f"{n}.nii.gz")
-    bundle = tmp_path / "context_restoration"
-    for part in ("configs", "docs", "LICENSE"):
-        src = bundle_path("context_restoration") / part
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, bundle / part)
+    names, _, store = _datastore(brats_dir, tmp_path, n=4, labelled=2)
+    bundle = _served_copy("context_restoration", tmp_path)
     task = MedsslTrainTask(str(bundle), {})
-    out = task({"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "device": "cpu"},
-               LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False))
+    out = task({"max_epochs": 1, "epoch_length": 2, "val_interval": 1, "device": "cpu"}, store)
     assert out["stages"] == ["pretrain", "train"] and out["unlabelled"] == names[2:]
     run = Path(out["run"])
     pretrain = json.loads((run / "pretrain" / "run.json").read_text())
