@@ -188,3 +188,33 @@ def test_monai_label_training_pretrains_on_every_study_then_fine_tunes(brats_dir
     for name, src in (("model.pt", run / "train" / "model.pt"), ("pretrained.pt", run / "pretrain" / "pretrained.pt")):
         a, b = torch.load(served / name, weights_only=True), torch.load(src, weights_only=True)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_monai_label_training_of_the_weak_bundle_learns_from_image_level_slice_tags(brats_dir, tmp_path):
+    """cluster_resupervision through MedsslTrainTask: 2 studies segmented, 2 only tagged (their image info holds
+    tumour / tumour-free axial slices, as PUT /datastore/image/info stores them). The view writes the tags
+    beside the tagged studies, the training datalist carries them, and the bundle's training slices include
+    exactly the tagged slices of those studies with their tags' classes."""
+    pytest.importorskip("monailabel", reason="MONAI Label is not installed (pip install -e '.[label]')")
+    from medssl.data import load_datalist, training_slices
+    from medssl.label.trainer import MedsslTrainTask
+
+    names, _, store = _datastore(brats_dir, tmp_path, n=4, labelled=2)
+    tags = {}
+    for name in names[2:]:
+        area = (np.asarray(nib.load(brats_dir / name / f"{name}_seg.nii.gz").dataobj) > 0).sum(axis=(0, 1))
+        tags[name] = {"tumour_slices": np.flatnonzero(area >= 50).tolist()[::2],
+                      "tumour_free_slices": np.flatnonzero(area == 0).tolist()[::4]}
+        store.update_image_info(name, tags[name])
+    bundle = _served_copy("cluster_resupervision", tmp_path)
+    out = MedsslTrainTask(str(bundle), {})({"max_epochs": 1, "epoch_length": 2, "batch_size": 4, "device": "cpu",
+                                            "channels": [8, 16, 32, 64, 128]}, store)
+    assert out["labelled"] == names[:2] and out["tagged"] == names[2:]
+    run = Path(out["run"])
+    datalist = load_datalist(run / "datalist.json", tmp_path / "cluster_resupervision" / "monailabel" / "data")
+    assert sorted(c["case"] for c in datalist["training"] if "tags" in c) == names[2:]
+    slices = training_slices(datalist, "image")
+    for name in names[2:]:
+        got = {s["slice"]: s["class"] for s in slices if s["case"] == name}
+        assert got == {**{k: 1.0 for k in tags[name]["tumour_slices"]}, **{k: 0.0 for k in tags[name]["tumour_free_slices"]}}
+    assert (bundle / "models" / "model.pt").is_file() and (run / "train" / "model.pt").is_file()

@@ -7,3 +7,4 @@ from .split import (all_training, bundle_datalist, datalist_digest, evaluation_c
                     make_fold, make_split, select_modalities, unlabelled, write_datalist)
 from .sample import DownloadError, download, ensure_sample, prepare
 from .slices import brats_axial_slices, image_level_only, training_slices, weak_slice_datalist
+from .tags import TAG_KEYS, axial_tags, read_tags

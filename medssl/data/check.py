@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from .tags import read_tags
 from .layouts import BRATS_LABEL_VALUES, BRATS_MODALITIES, EXPECTED_LAYOUT, LAYOUTS, detect_layout
 
 
@@ -53,7 +54,8 @@ def _read(path: str, problems: list[str], what: str):
 
 def check_brats_case(case: dict, modalities: Sequence[str] = BRATS_MODALITIES,
                      label_values: Iterable[int] = BRATS_LABEL_VALUES, atol: float = 1e-3) -> list[str]:
-    """Problems of one BraTS case dict (``image`` = list of modality paths, optional ``label``)."""
+    """Problems of one BraTS case dict (``image`` = list of modality paths, optional ``label`` and slice
+    ``tags``)."""
     problems: list[str] = []
     expected = f"expected modalities {', '.join(modalities)}" + (" and seg" if "label" in case else "")
     paths = list(case["image"]) + ([case["label"]] if "label" in case else [])
@@ -80,6 +82,8 @@ def check_brats_case(case: dict, modalities: Sequence[str] = BRATS_MODALITIES,
             sp, rsp = np.linalg.norm(aff[:3, :3], axis=0), np.linalg.norm(ref_aff[:3, :3], axis=0)
             problems.append(f"{path}: affine (spacing {np.round(sp, 3).tolist()}) differs from "
                             f"{Path(ref_path).name} (spacing {np.round(rsp, 3).tolist()}); expected the same grid")
+    if "tags" in case and ref_arr.ndim == 3:
+        problems += read_tags(case["tags"], ref_arr.shape, ref_aff)[1]
     if "seg" in loaded:
         path, arr, _ = loaded["seg"]
         allowed = set(int(v) for v in label_values)

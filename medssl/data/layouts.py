@@ -58,7 +58,8 @@ def brats_case_dirs(dataset_dir: str | Path) -> list[Path]:
 
 def brats_cases(dataset_dir: str | Path, modalities=BRATS_MODALITIES, with_label: bool = True) -> list[dict]:
     """One dict per case: ``{"case", "image": [modality paths], "label": seg path}``, without ``label``
-    for a case that has no seg file (an unlabelled case) or when ``with_label`` is false.
+    for a case that has no seg file (an unlabelled case) or when ``with_label`` is false; plus ``"tags"``,
+    the path of ``<case>_tags.json`` where the case has image-level slice tags (:mod:`medssl.data.tags`).
 
     Absolute paths; a missing modality is reported under its expected name so that
     :func:`medssl.data.check_cases` can name it.
@@ -70,6 +71,8 @@ def brats_cases(dataset_dir: str | Path, modalities=BRATS_MODALITIES, with_label
         seg = find_modality(d, d.name, "seg") if with_label else None
         if seg is not None:
             item["label"] = str(seg)
+        if with_label and (d / f"{d.name}_tags.json").is_file():  # annotator slice tags (medssl.data.tags)
+            item["tags"] = str(d / f"{d.name}_tags.json")
         cases.append(item)
     return cases
 

@@ -14,35 +14,47 @@ from typing import Sequence
 import numpy as np
 
 from .check import DataError
+from .tags import axial_tags
 
 
 @functools.lru_cache(maxsize=64)
-def _volume(images: tuple[str, ...], label: str | None):
-    """(4, H, W, D) z-normalised float32 image (RAS, per channel over the brain) and (H, W, D) seg."""
+def _volume(images: tuple[str, ...], label: str | None, tags: str | None = None):
+    """(4, H, W, D) z-normalised float32 image (RAS, per channel over the brain), (H, W, D) seg (or None),
+    and the ``tags`` file's image-level labels by RAS axial slice (or None)."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd
 
     keys = ["image"] + (["label"] if label else [])
-    load = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys), Orientationd(keys, axcodes="RAS"),
-                    NormalizeIntensityd("image", nonzero=True, channel_wise=True)])
-    d = load({"image": list(images), **({"label": label} if label else {})})
+    d = Compose([LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)])(
+        {"image": list(images), **({"label": label} if label else {})})
+    by_slice = axial_tags(tags, d["image"].shape[1:], d["image"].affine) if tags else None
+    d = Compose([Orientationd(keys, axcodes="RAS"), NormalizeIntensityd("image", nonzero=True, channel_wise=True)])(d)
     seg = np.asarray(d["label"][0]) if label else None
-    return np.asarray(d["image"], dtype=np.float32), seg
+    return np.asarray(d["image"], dtype=np.float32), seg, by_slice
 
 
 def brats_axial_slices(cases: Sequence[dict], area_threshold: int = 50, with_pixel_labels: bool = False,
-                       min_brain_fraction: float = 0.05) -> list[dict]:
+                       min_brain_fraction: float = 0.05, use_tags: bool = False) -> list[dict]:
     """One item per axial slice of every case that shows brain (at least ``min_brain_fraction`` of its
     pixels non-zero in the first modality):
     ``{"image": (C, H, W) float32, "class": 1.0 if the whole tumour covers >= area_threshold pixels else 0.0,
     "case", "slice", "tumour_pixels"}``, plus ``"label": (1, H, W)`` whole-tumour mask when
     ``with_pixel_labels`` (evaluation only). Volumes are z-normalised per channel over the brain first.
+    With ``use_tags``, a case that carries annotator ``tags`` (:mod:`medssl.data.tags`) instead gives its
+    tagged slices only, ``class`` from the tags (``tumour_pixels`` -1: not measured).
     """
     out = []
     for case in cases:
-        image, seg = _volume(tuple(case["image"]), case.get("label"))
+        tagged = use_tags and "tags" in case
+        image, seg, tags = _volume(tuple(case["image"]), None if tagged else case.get("label"),
+                                   case["tags"] if tagged else None)
+        if tagged:
+            for z in sorted(tags):
+                out.append({"image": np.ascontiguousarray(image[..., z]), "class": tags[z],
+                            "case": case.get("case", ""), "slice": int(z), "tumour_pixels": -1})
+            continue
         if seg is None:
             raise DataError([f"{case.get('case', case['image'][0])}: no segmentation; expected a seg file to "
-                             "derive the image-level labels from"])
+                             "derive the image-level labels from (or a <case>_tags.json of slice tags)"])
         wt = seg > 0
         brain = (image[0] != 0).mean(axis=(0, 1))
         area = wt.sum(axis=(0, 1))
@@ -81,20 +93,24 @@ def weak_slice_datalist(datalist: dict, area_threshold: int = 50, min_brain_frac
                for k in ("validation", "test")}}
 
 
-
-
-
 def training_slices(datalist: dict, supervision: str = "image", area_threshold: int = 50,
                     min_brain_fraction: float = 0.05) -> list[dict]:
     """The training slices of a case-level datalist: image-level labels only (``supervision="image"``,
     checked by :func:`image_level_only`), or with pixel labels (``"pixel"``: the fully supervised
-    upper bound, never a weakly supervised method). Only the labelled training cases
-    (:func:`medssl.data.labelled`: the image-level labels are derived from their segmentations; cases
-    without one are skipped, none at all is a :class:`DataError`)."""
-    from .split import labelled
+    upper bound, never a weakly supervised method). Image-level labels come from the labelled training
+    cases (:func:`medssl.data.labelled`: derived from their segmentations) and, with ``"image"``, from every
+    other training case that carries annotator slice ``tags`` (:mod:`medssl.data.tags`); cases with
+    neither are skipped, none at all is a :class:`DataError`."""
+    from .split import _is_labelled, labelled
 
     if supervision == "image":
-        return weak_slice_datalist({"training": labelled(datalist)}, area_threshold, min_brain_fraction)["training"]
+        tagged = [c for c in datalist["training"] if not _is_labelled(c) and "tags" in c]
+        segmented = labelled(datalist) if not tagged else [c for c in datalist["training"] if _is_labelled(c)]
+        training = [{k: v for k, v in i.items() if k != "label"}
+                    for i in brats_axial_slices(segmented, area_threshold, False, min_brain_fraction)]
+        training += brats_axial_slices([{k: v for k, v in c.items() if k != "label"} for c in tagged],
+                                       use_tags=True)
+        return image_level_only(training)
     if supervision == "pixel":
         return brats_axial_slices(labelled(datalist), area_threshold, True, min_brain_fraction)
     raise ValueError(f"supervision must be 'image' or 'pixel', got {supervision!r}")

@@ -24,12 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 def _map_paths(item: dict, fn) -> dict:
-    """``item`` with ``fn`` applied to every path of its ``image`` (a path or a list) and ``label``."""
+    """``item`` with ``fn`` applied to every path of its ``image`` (a path or a list), ``label`` and ``tags``."""
 
     def apply(p):
         return [apply(q) for q in p] if isinstance(p, list) else fn(p)
 
-    return {k: apply(v) if k in ("image", "label") else v for k, v in item.items()}
+    return {k: apply(v) if k in ("image", "label", "tags") else v for k, v in item.items()}
 
 
 def _by_label(cases: Sequence[dict]) -> tuple[list[dict], list[dict]]:
@@ -251,7 +251,7 @@ def datalist_digest(datalist: dict) -> str:
 
     def name(c):
         image = c["image"][0] if isinstance(c["image"], (list, tuple)) else c["image"]
-        return f"{c.get('case') or Path(str(image)).name}/{c.get('slice', '')}"
+        return f"{c.get('case') or Path(str(image)).name}/{c.get('slice', '')}" + ("+tags" if "tags" in c else "")
 
     parts = {k: sorted([name(c), bool(c.get("labelled", True))] for c in v)
              for k, v in datalist.items() if isinstance(v, list) and v and isinstance(v[0], dict) and "image" in v[0]}

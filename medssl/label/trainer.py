@@ -5,7 +5,9 @@ overrides ``train#dataset#data``). Self- and semi-supervised bundles are built f
 so :class:`MedsslTrainTask` instead writes the datastore as a data set in the bundle's own layout
 (:func:`medssl.label.view.write_view`: studies without a label become unlabelled cases), splits it (all
 labelled studies train or validate, ``val_split`` of them validate, none is held out for test; every
-unlabelled study trains) and runs the bundle's own stages on it through ``monai.bundle run``:
+unlabelled study trains; the weakly supervised cluster_resupervision also learns from the unlabelled studies'
+image-level slice tags, ``tumour_slices`` / ``tumour_free_slices`` in their image info,
+:mod:`medssl.data.tags`) and runs the bundle's own stages on it through ``monai.bundle run``:
 ``pretrain`` on every training study, labelled or not, where the bundle has one (when asked, or when no
 pretrained weights are served yet), then ``train`` - semi_cml's unlabelled stream and the pretext tasks see the unlabelled
 studies. The new weights (and ``run.json``) replace the served ones atomically, so the next inference
@@ -67,7 +69,8 @@ class MedsslTrainTask(BundleTrainTask):
         run_dir = work / "runs" / time.strftime("%Y%m%d-%H%M%S")
         datalist = write_datalist(split, run_dir / "datalist.json", work / "data")
         logger.info(f"{self.root.name}: training on {n_lab} labelled and {len(view['unlabelled'])} unlabelled "
-                    f"studies ({len(split['validation'])} validate) -> {run_dir}")
+                    f"studies ({len(view['tagged'])} of them with image-level slice tags; {len(split['validation'])} "
+                    f"validate) -> {run_dir}")
         common = {"dataset_dir": str(work / "data"), "datalist_file": str(datalist),
                   "device": f"$torch.device('{self._device(request)}')"}
         served = self._served()
@@ -86,7 +89,7 @@ class MedsslTrainTask(BundleTrainTask):
         stages.append("train")
         published = self._publish(run_dir, stages, served)
         return {"run": str(run_dir), "stages": stages, "labelled": view["labelled"], "unlabelled": view["unlabelled"],
-                "published": published}
+                "tagged": view["tagged"], "published": published}
 
     def _settings(self, stage: str, request) -> dict:
         own = stage_settings_of(self.root, stage)

@@ -12,6 +12,7 @@ unlabelled stream - on every study. No MONAI Label import: the datastore is pass
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +21,8 @@ import nibabel as nib
 import numpy as np
 
 from ..data import BRATS_MODALITIES, DataError
-from ..utils import atomic_write
+from ..data.tags import TAG_KEYS, tags_file
+from ..utils import atomic_write, atomic_write_json
 
 FINAL = "final"  # MONAI Label's tag of a submitted label
 
@@ -37,6 +39,19 @@ def _newer(src: Path, dst: Path) -> bool:
 def _save_nifti(array: np.ndarray, like: nib.Nifti1Image, path: Path) -> None:
     img = nib.Nifti1Image(array, like.affine, like.header)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(gzip.compress(img.to_bytes(), compresslevel=1)))
+
+
+def _brats_tags(info: dict, case_dir: Path) -> bool:
+    """Write the study's image-level slice tags (its MONAI Label image info ``tumour_slices`` /
+    ``tumour_free_slices``, :mod:`medssl.data.tags`) as ``<case>_tags.json``, or remove a stale one;
+    whether the study has tags."""
+    path = tags_file(case_dir, case_dir.name)
+    tags = {k: info[k] for k in TAG_KEYS if info.get(k)}
+    if not tags:
+        path.unlink(missing_ok=True)
+    elif not path.is_file() or json.loads(path.read_text()) != tags:
+        atomic_write_json(tags, path)
+    return bool(tags)
 
 
 def _brats_case(image: Path, label: Path | None, case_dir: Path) -> None:
@@ -71,9 +86,11 @@ def _nuclei_case(image: Path, label: Path | None, root: Path, case: str) -> None
 def write_view(datastore, dst: str | Path) -> dict:
     """Write (or bring up to date) ``dst`` as the datastore's studies in their bundle layout: BraTS case
     folders ``<id>/<id>_{flair,t1,t1ce,t2}.nii.gz`` split from each 4-channel study (affine and header
-    kept) plus ``<id>_seg.nii.gz`` where the study has a final label; or ``images/<id>.png`` and
+    kept) plus ``<id>_seg.nii.gz`` where the study has a final label and ``<id>_tags.json`` where its image
+    info holds image-level slice tags (:mod:`medssl.data.tags`); or ``images/<id>.png`` and
     ``labels/<id>.png``. Only what changed is rewritten; studies no longer in the datastore are removed.
-    Returns ``{"layout", "labelled", "unlabelled"}`` (study ids)."""
+    Returns ``{"layout", "labelled", "unlabelled", "tagged"}`` (study ids; ``tagged``: unlabelled studies
+    with tags, which weakly supervised training uses)."""
     dst = Path(dst)
     ids = sorted(datastore.list_images())
     if not ids:
@@ -83,11 +100,14 @@ def write_view(datastore, dst: str | Path) -> dict:
         raise DataError([f"datastore mixes 2-D PNG and 3-D studies; expected one kind for one bundle"])
     layout = layouts.pop()
     labelled = set(datastore.get_labeled_images(FINAL))
+    tagged = set()
     for i in ids:
         label = Path(datastore.get_label_uri(i, FINAL)) if i in labelled else None
         image = Path(datastore.get_image_uri(i))
         if layout == "brats":
             _brats_case(image, label, dst / i)
+            if _brats_tags(datastore.get_image_info(i) or {}, dst / i):
+                tagged.add(i)
         else:
             _nuclei_case(image, label, dst, i)
     kept = set(ids)
@@ -97,4 +117,5 @@ def write_view(datastore, dst: str | Path) -> dict:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
         if layout == "nuclei":
             (dst / "labels" / p.name).unlink(missing_ok=True)
-    return {"layout": layout, "labelled": sorted(kept & labelled), "unlabelled": sorted(kept - labelled)}
+    return {"layout": layout, "labelled": sorted(kept & labelled), "unlabelled": sorted(kept - labelled),
+            "tagged": sorted(tagged - labelled)}
