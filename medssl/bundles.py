@@ -204,11 +204,12 @@ def write_run_record(ckpt_dir, run_settings: dict | None = None) -> Path:
     return atomic_write_json(record, Path(ckpt_dir) / RUN_RECORD)
 
 
-def recorded_settings(bundle: str, stage: str, ckpt_dir) -> dict:
+def recorded_settings(bundle: str, stage: str, ckpt_dir, changed_only: bool = True) -> dict:
     """The settings a model in ``ckpt_dir`` was trained with (its ``run.json``) that ``stage`` of ``bundle``
     also has with another default - what evaluating or running that model needs (network sizes and
     switches, the datalist) - less those that say where things are (``ckpt_dir``, ``output_dir``, ...).
-    Empty without a record."""
+    With ``changed_only`` false, also those equal to the stage's default (to reset a config that another
+    run's settings were applied to). Empty without a record."""
     path = Path(ckpt_dir) / RUN_RECORD
     if not path.is_file():
         return {}
@@ -225,7 +226,7 @@ def recorded_settings(bundle: str, stage: str, ckpt_dir) -> dict:
         return not any(isinstance(x, str) and x.startswith(("$", "@", "%")) for x in (v if isinstance(v, list) else [v]))
 
     return {k: v for k, v in record.get("settings", {}).items() if k not in _PLACE and value(v) and
-            (v != own[k] if k in own else "#" in k and k.split("#")[0] in ids)}
+            ((v != own[k] or not changed_only) if k in own else "#" in k and k.split("#")[0] in ids)}
 
 
 def trained_with(ckpt_dir) -> str:

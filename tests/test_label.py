@@ -279,6 +279,15 @@ def test_train_uses_labelled_and_unlabelled_studies_and_the_next_infer_uses_it(s
     assert r.status_code == 200, r.text[:500]
     log = (work["root"] / "server.log").read_text()
     assert "training on 3 labelled and 1 unlabelled studies" in log
+    # a training that changes the network's size: its settings are published with the weights, and the running
+    # server rebuilds the network from them (a strict load into the old network would fail)
+    r = requests.post(f"{server['url']}/train/semi_cml", params={"run_sync": True}, timeout=600,
+                      json={"max_epochs": 1, "epoch_length": 1, "val_interval": 1, "device": "cpu",
+                            "channels": [8, 16, 32, 64, 128]})
+    assert r.status_code == 200, r.text[-2000:]
+    assert json.loads((served / "configs" / "inference.json").read_text())["channels"] == [8, 16, 32, 64, 128]
+    r = requests.post(f"{server['url']}/infer/semi_cml", params={"image": case, "output": "image"}, timeout=300)
+    assert r.status_code == 200, r.text[:500]
 
 
 def test_dfr_barlow_serves_nuclei_pngs_in_process(tmp_path):

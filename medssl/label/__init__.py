@@ -240,6 +240,18 @@ def served_settings(name: str, kind: str, weights: Path | None) -> dict:
     return settings
 
 
+def weights_settings(name: str, models_dir: str | Path) -> dict:
+    """The ``inference.json`` settings the weights served from ``models_dir`` need (network sizes and switches):
+    those their run recorded (``models_dir/run.json``, copied there with the weights by ``serve --weights RUN``
+    or published with them by a MONAI Label training), less the data variant the bundle is served for; those
+    equal to the defaults too, so that applying them to a config that earlier weights' settings were applied
+    to gives these weights' network. Empty without a record."""
+    from ..bundles import recorded_settings
+
+    return {k: v for k, v in recorded_settings(name, "inference", models_dir, changed_only=False).items()
+            if k != "dataset_name"}
+
+
 def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights: Path | None = None) -> str | None:
     """Write bundle ``name`` into ``dest`` (``configs/``, ``docs/``, ``LICENSE``, ``models/model.pt``) as MONAI
     Label reads it, for studies of ``kind``. Weights: ``weights`` (a run folder or a model file; its
@@ -281,8 +293,14 @@ def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights
         if name == "semi_cml" and Path(weights).is_dir():  # every modality network (active learning compares them)
             for extra in Path(weights).glob("model_*.pt"):
                 shutil.copyfile(extra, model.parent / extra.name)
+        record = Path(weights) / "run.json"
+        if record.is_file():  # the served weights' settings (weights_settings)
+            shutil.copyfile(record, model.parent / "run.json")
+        else:
+            (model.parent / "run.json").unlink(missing_ok=True)
     elif (src / "models" / "model.pt").is_file():
         shutil.copyfile(src / "models" / "model.pt", model)
+        (model.parent / "run.json").unlink(missing_ok=True)
     if not model.is_file():
         return (f"no weights: give --weights {name}=RUN_DIR (a trained run's folder holding model.pt), or put "
                 f"them in {src / 'models' / 'model.pt'}")

@@ -20,7 +20,8 @@ from monailabel.interfaces.app import MONAILabelApp
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from . import SERVED_FILE, SERVING, study_problem
+from ..bundles import set_config_id
+from . import SERVED_FILE, SERVING, study_problem, weights_settings
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,9 @@ class MedsslInferTask(BundleInferTask):
     On top of the stock task: the label values of the written map and the dimension are those the bundle's
     postprocessing produces (:data:`medssl.label.SERVING`; the metadata's ``channel_def`` names the network's
     output channels); the network is the config's ``network`` (e.g. cluster_resupervision's CAM-to-mask
-    wrapper around ``network_def``) with the weights loaded strictly by
+    wrapper around ``network_def``), built with the settings the served weights' run recorded (a MONAI Label
+    training may have changed e.g. ``channels``: the network is rebuilt when the weights change), with the
+    weights loaded strictly by
     :func:`medssl.networks.load_pretrained` (a checkpoint of another network is refused naming the file);
     and a request whose image cannot be segmented by the model is answered HTTP 422 naming the image and
     what was expected, before anything runs (:func:`medssl.label.study_problem`).
@@ -86,7 +89,10 @@ class MedsslInferTask(BundleInferTask):
         cached = self._networks.get(device)
         if cached and cached[1] == stat.st_mtime:
             return cached[0]
-        parser = ConfigParser(copy.deepcopy(self.bundle_config.config))
+        config = copy.deepcopy(self.bundle_config.config)
+        for k, v in weights_settings(self.medssl_name, Path(path).parent).items():  # a training may change them
+            set_config_id(config, k, v)
+        parser = ConfigParser(config)
         parser["bundle_root"] = self.bundle_path
         parser["device"] = f"$torch.device({str(device)!r})"
         parser.parse()

@@ -26,9 +26,10 @@ import torch
 from monailabel.interfaces.datastore import Datastore
 from monailabel.tasks.train.bundle import BundleTrainTask
 
-from ..bundles import bundle_stages, inference_weights, run_stage, stage_settings_of
+from ..bundles import bundle_stages, format_config, inference_weights, run_stage, set_config_id, stage_settings_of
 from ..data import LAYOUTS, DataError, make_split, write_datalist
 from ..utils import atomic_write
+from . import weights_settings
 from .view import write_view
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ class MedsslTrainTask(BundleTrainTask):
         return json.loads((self.root / "configs" / "inference.json").read_text())
 
     def _publish(self, run_dir: Path, stages, served: dict) -> list[str]:
-        """Copy the run's weights into the served ``models/``, ``model.pt`` last (the file inference watches):
+        """Copy the run's weights into the served ``models/`` and its network settings into the served
+        ``inference.json``, ``model.pt`` last (the file inference watches; it rebuilds the network from them):
         the network inference builds - for semi_cml, whose training keeps both modality networks, the served
         ``modality``'s own ``model_<modality>.pt``."""
         models, train = self.root / "models", run_dir / "train"
@@ -110,7 +112,11 @@ class MedsslTrainTask(BundleTrainTask):
         if "pretrain" in stages:
             files.append(run_dir / "pretrain" / "pretrained.pt")
         files = [(f, f.name) for f in files if f.is_file() and not f.name.startswith("model_step")]
-        files.append((inference_weights(train, served), "model.pt"))
         for src, name in files:
             atomic_write(models / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-        return [name for _, name in files]
+        for k, v in weights_settings(self.root.name, models).items():  # the served config matches the new weights
+            set_config_id(served, k, v)
+        atomic_write(self.root / "configs" / "inference.json",
+                     lambda tmp: Path(tmp).write_text(format_config(served) + "\n"))
+        atomic_write(models / "model.pt", lambda tmp: shutil.copyfile(inference_weights(train, served), tmp))
+        return [name for _, name in files] + ["model.pt"]
