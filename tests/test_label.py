@@ -137,16 +137,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(work, request):
+def _start_server(cmd, log_path: Path, request) -> tuple[str, dict]:
+    """Run ``cmd`` (a MONAI Label server on 127.0.0.1, ``{port}`` in it replaced by a free port) until GET /info/
+    answers; it is stopped when the test (or module) ends. Returns (url, info)."""
     port = _free_port()
-    out = work["root"] / "served"
-    weights = ",".join(f"{n}={p}" for n, p in work["weights"].items())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log = open(work["root"] / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "medssl.cli", "label", "serve", "--studies", str(work["data"]),
-                             "--out", str(out), "--port", str(port), "--weights", weights],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log = open(log_path, "w")
+    proc = subprocess.Popen([str(c).replace("{port}", str(port)) for c in cmd], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
 
     def stop():
         if proc.poll() is None:
@@ -165,13 +163,22 @@ def server(work, request):
         try:
             info = requests.get(f"{url}/info/", timeout=5)
             if info.status_code == 200:
-                break
+                return url, info.json()
         except requests.ConnectionError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            raise RuntimeError(f"server did not start: {(work['root'] / 'server.log').read_text()[-3000:]}")
+            raise RuntimeError(f"server did not start: {log_path.read_text()[-3000:]}")
         time.sleep(1)
-    return {"url": url, "studies": out / "studies", "info": info.json()}
+
+
+@pytest.fixture(scope="module")
+def server(work, request):
+    out = work["root"] / "served"
+    weights = ",".join(f"{n}={p}" for n, p in work["weights"].items())
+    url, info = _start_server([sys.executable, "-m", "medssl.cli", "label", "serve", "--studies", str(work["data"]),
+                               "--out", str(out), "--port", "{port}", "--weights", weights],
+                              work["root"] / "server.log", request)
+    return {"url": url, "studies": out / "studies", "info": info}
 
 
 def test_info_lists_the_five_models(server):
@@ -332,3 +339,39 @@ def test_dfr_barlow_serves_nuclei_pngs_in_process(tmp_path):
     with pytest.raises(HTTPException) as e:
         app.infer({"model": "dfr_barlow", "image": str(volume), "device": "cpu"})
     assert e.value.status_code == 422 and "expects a 2-D image (PNG)" in e.value.detail
+
+
+STOCK_APP = Path(sys.prefix) / "monailabel" / "sample-apps" / "monaibundle"
+
+
+@pytest.mark.skipif(not STOCK_APP.is_dir(), reason=f"MONAI Label's sample apps are not installed ({STOCK_APP})")
+def test_install_into_monai_labels_stock_monaibundle_app_serves_the_bundles(work, tmp_path, request):
+    """`medssl label install` into a copy of MONAI Label's own monaibundle sample app (as pip installs it), then
+    that stock app's server (`monailabel start_server --conf models slem,semi_cml`): both bundles are listed and
+    /infer/ returns a label volume with the study's shape and affine."""
+    app = tmp_path / "monaibundle"
+    shutil.copytree(STOCK_APP, app, ignore=shutil.ignore_patterns("__pycache__"))
+    names = ["slem", "semi_cml"]
+    weights = ",".join(f"{n}={work['weights'][n]}" for n in names)
+    done = subprocess.run([sys.executable, "-m", "medssl.cli", "label", "install", str(app), "--bundles", ",".join(names),
+                           "--weights", weights], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    studies = tmp_path / "studies"
+    L.prepare_studies(work["data"], studies)
+    exe = Path(sys.executable).with_name("monailabel")
+    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
+    url, info = _start_server(head + ["start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
+                                      "--port", "{port}", "--conf", "models", ",".join(names),
+                                      # offline: local bundles without listing the online zoo, no SAM2 download
+                                      "--conf", "zoo_source", "github", "--conf", "sam2", "false"],
+                              tmp_path / "stock.log", request)
+    assert set(names) <= set(info["models"]), info["models"].keys()
+    case = _cases(1)[0]
+    study = nib.load(str(studies / f"{case}.nii.gz"))
+    for name in names:
+        r = requests.post(f"{url}/infer/{name}", params={"image": case, "output": "image"}, timeout=300)
+        assert r.status_code == 200, (name, r.text[:500])
+        (tmp_path / f"{name}.nii.gz").write_bytes(r.content)
+        label = nib.load(str(tmp_path / f"{name}.nii.gz"))
+        assert label.shape == study.shape[:3], name
+        np.testing.assert_allclose(label.affine, study.affine, atol=1e-4, err_msg=name)
