@@ -350,8 +350,23 @@ class CLI:
         from .apps.benchmark import run_sweep
 
         result = run_sweep(bundle, _benchmark_data(bundle, data_dir), name, budget=budget, out=out)
-        for r in result["rows"]:
-            print(f"pretraining steps {r['pretrain_steps']:>6}: test mean Dice {r['mean_dice']:.3f} ({r['variant']})")
+        print("\n".join(sweep_lines(result)))
+
+
+def sweep_lines(result: dict) -> list[str]:
+    """One summary line per swept value of a :func:`medssl.apps.benchmark.run_sweep` result: the pretraining
+    length's test Dice, or a config id's value with its Dice (mean over the folds) and report metrics on the split
+    it was scored on."""
+    if "override" not in result:
+        return [f"pretraining steps {r['pretrain_steps']:>6}: test mean Dice {r['mean_dice']:.3f} ({r['variant']})"
+                for r in result["rows"]]
+    lines = []
+    for row in result["summary"]:
+        extra = ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                          if k not in ("value", "n_folds", "mean_dice") and isinstance(v, (int, float)))
+        lines.append(f"{result['override']} {row['value']!s:>6}: {result.get('split', 'test')} mean Dice "
+                     f"{row['mean_dice']:.3f} over {row['n_folds']} fold(s)" + (f"; {extra}" if extra else ""))
+    return lines
 
 
 def _benchmark_data(bundle: str, data_dir: str | None) -> str:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from medssl.apps import benchmark as bm
+from medssl.bundles import bundle_path
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +17,8 @@ def test_num_clusters_sweep_trains_each_k_and_scores_it_on_validation_slices(tmp
     spec = bm.load_spec("cluster_resupervision")
     sweep = spec.sweeps["num_clusters"]
     assert sweep["override"] == "num_clusters" and sweep["evaluate"] == {"eval_split": "validation"}
-    assert sorted(sweep["values"]) == sweep["values"] and 4 in sweep["values"]  # the current default is among them
+    default = json.loads((bundle_path("cluster_resupervision") / "configs" / "train.json").read_text())["num_clusters"]
+    assert sorted(sweep["values"]) == sweep["values"] and default in sweep["values"]  # the default is a swept K
     spec.sweeps["num_clusters"] = {**sweep, "values": [2, 3], "fold": 1, "folds": 2}  # 2 values, 1 fold: seconds
     monkeypatch.setattr(bm, "load_spec", lambda bundle: spec)
     out = tmp_path / "sweep"
@@ -37,4 +39,9 @@ def test_num_clusters_sweep_trains_each_k_and_scores_it_on_validation_slices(tmp
         for m in ("mean_dice", "under_segmentation", "over_segmentation"):
             assert s[m] is not None and s[m] >= 0
     assert json.loads((out / "sweep.json").read_text())["summary"] == res["summary"]
+    from medssl.cli import sweep_lines  # what `medssl sweep` prints: one line per K, on the validation split
+
+    lines = sweep_lines(res)
+    assert len(lines) == 2 and lines[0].startswith("num_clusters      2: validation mean Dice ")
+    assert "over_segmentation" in lines[1]
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -873,7 +873,7 @@ def plot_validation_curves(results: dict, path: Path) -> None:
             best = dict(pts).get(r.get("best_step"))
             if best is not None:
                 ax.plot([r["best_step"]], [best], "o", color=colours[r["variant"]], ms=3)
-        ax.set_title(f"{f:g} of the labels", fontsize=9)
+        ax.set_title(f"{f:.0%} of the labels", fontsize=9)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation mean Dice")
@@ -915,7 +915,7 @@ def plot_sweep(result: dict, path: Path) -> None:
     ax.set_xticks(xs, [f"{r['pretrain_steps']:,}" for r in rows])
     ax.set_xlabel("pretraining steps (0 = from scratch)")
     ax.set_ylabel("fine-tuned test Dice")
-    ax.set_title(f"{result['bundle']}: {result['variant']} at {result['fraction']:g} of the labels, fold "
+    ax.set_title(f"{result['bundle']}: {result['variant']} at {result['fraction']:.0%} of the labels, fold "
                  f"{result['fold']} of {result['folds']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -938,6 +938,6 @@ def plot_override_sweep(result: dict, path: Path) -> None:
         ax.set_xlabel(result["override"])
         ax.set_title(f"{m} ({result['split']})", fontsize=9)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{result['bundle']}: {result['variant']} at {result['fraction']:g} of the labels, folds "
+    fig.suptitle(f"{result['bundle']}: {result['variant']} at {result['fraction']:.0%} of the labels, folds "
                  f"{result['fold']} of {result['folds']} ({result['budget']} budget)", fontsize=9)
     _save(fig, path)
