@@ -358,9 +358,7 @@ def test_install_into_monai_labels_stock_monaibundle_app_serves_the_bundles(work
     assert done.returncode == 0, done.stderr[-2000:]
     studies = tmp_path / "studies"
     L.prepare_studies(work["data"], studies)
-    exe = Path(sys.executable).with_name("monailabel")
-    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
-    url, info = _start_server(head + ["start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
+    url, info = _start_server(L.monailabel_command() + ["start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1",
                                       "--port", "{port}", "--conf", "models", ",".join(names),
                                       # offline: local bundles without listing the online zoo, no SAM2 download
                                       "--conf", "zoo_source", "github", "--conf", "sam2", "false"],

@@ -285,15 +285,15 @@ def materialise_bundle(name: str, dest: str | Path, kind: str = "brats", weights
     model = dest / "models" / "model.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     if weights is not None:
+        source = Path(weights)
         try:
-            source = Path(weights)
             shutil.copyfile(source if source.is_file() else inference_weights(source, config), model)
         except FileNotFoundError as e:
             return str(e)
-        if name == "semi_cml" and Path(weights).is_dir():  # every modality network (active learning compares them)
-            for extra in Path(weights).glob("model_*.pt"):
+        if name == "semi_cml" and source.is_dir():  # every modality network (active learning compares them)
+            for extra in source.glob("model_*.pt"):
                 shutil.copyfile(extra, model.parent / extra.name)
-        record = Path(weights) / "run.json"
+        record = source / "run.json"
         if record.is_file():  # the served weights' settings (weights_settings)
             shutil.copyfile(record, model.parent / "run.json")
         else:
@@ -373,12 +373,19 @@ def default_work_dir(src: Path) -> Path:
     return Path.home() / ".cache" / "medssl" / "label" / f"{Path(src).name}_{digest}"
 
 
+def monailabel_command() -> list[str]:
+    """The ``monailabel`` command of this Python environment (its console script, else ``python -m
+    monailabel.main``)."""
+    import sys
+
+    exe = Path(sys.executable).with_name("monailabel")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
+
+
 def serve_command(studies: str | Path, bundles="", port: int = 8000, weights="", out: str | Path = "") -> list[str]:
     """Prepare the studies (a data folder in the BraTS or nuclei layout is written as a MONAI Label studies
     folder under ``out``; a studies folder is used as it is) and the served bundle folders (``out/model``),
     and return the ``monailabel start_server`` command that serves them on 127.0.0.1:``port``."""
-    import sys
-
     src = Path(studies).expanduser().resolve()
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such folder; expected a studies folder or a data folder")
@@ -400,8 +407,6 @@ def serve_command(studies: str | Path, bundles="", port: int = 8000, weights="",
     app = work / "app"
     app.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(APP_DIR / "main.py", app / "main.py")
-    exe = Path(sys.executable).with_name("monailabel")
-    head = [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
-    return head + ["start_server", "--app", str(app), "--studies", str(studies_dir), "--host", "127.0.0.1",
+    return monailabel_command() + ["start_server", "--app", str(app), "--studies", str(studies_dir), "--host", "127.0.0.1",
                    "--port", str(int(port)), "--conf", "models_dir", str(work / "model"), "--conf", "bundles",
                    ",".join(names), "--conf", "kind", kind]
