@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -54,6 +55,15 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """The hex digest of a file (``hash_type``: any :func:`hashlib.new` name), read in 1 MB blocks."""
+    h = hashlib.new(hash_type)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

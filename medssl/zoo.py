@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,8 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from .utils import file_hash
 
 MAX_FILE_MB = 25.0  # the model zoo's limit for a file kept in the repository (larger: large_files.yml)
 LARGE_FILES = "large_files.yml"
@@ -48,14 +49,6 @@ class Check:
 
 
 # --- hashes, URLs ---------------------------------------------------------------------------------------------
-
-def file_hash(path, hash_type: str = "sha256") -> str:
-    h = hashlib.new(hash_type)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def _is_url(s: str) -> bool:
     return urllib.parse.urlparse(str(s)).scheme in ("http", "https", "file")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..utils import atomic_write
+from ..utils import atomic_write, file_hash
 from .layouts import BRATS_MODALITIES, brats_case_dirs, find_modality
 
 logger = logging.getLogger(__name__)
@@ -41,22 +41,12 @@ def sources() -> list[tuple[str, str]]:
     return [(h, p) for h, p in rows]
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(out_dir: str | Path, timeout: float = 30.0) -> Path:
     """Download the 1 mm originals to ``out_dir/<case>/<file>``; verified files are kept, so it resumes."""
     out = Path(out_dir)
     for sha, rel in sources():
         dest = out / Path(rel).parent.name / Path(rel).name
-        if dest.exists() and _sha256(dest) == sha:
+        if dest.exists() and file_hash(dest) == sha:
             continue
         url = SOURCE_URL + rel
         try:
@@ -70,7 +60,7 @@ def download(out_dir: str | Path, timeout: float = 30.0) -> Path:
 
         def write(tmp, payload=payload):
             Path(tmp).write_bytes(payload)
-            got = _sha256(Path(tmp))
+            got = file_hash(Path(tmp))
             if got != sha:
                 raise DownloadError(f"{url}: SHA-256 {got} does not match the expected {sha}; refused")
 
