@@ -24,7 +24,7 @@ bundle default is 0; on a GPU machine raise it so that the augmentation overlaps
     python benchmarks/bench_dfr_barlow.py [--steps 12] [--rounds 2] [--num_workers 0,2]
         [--results docs/results/dfr_barlow/results.json] [--out docs/results/speed/dfr_barlow.json]
 
-``--results`` names a ``medssl benchmark`` results file whose ``peak_rss_mb`` (the whole small-budget
+``--results`` names a ``medssl benchmark`` results file whose ``peak_rss_mb`` (the whole benchmark
 run, every stage in one process) is reported beside this script's own peak RSS.
 """
 
@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
               "device": "cuda" if torch.cuda.is_available() else "cpu", "data_dir": args.data_dir,
               "rows": rows, "script_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if args.results:
-        result["small_budget_run_peak_rss_mb"] = json.loads(Path(args.results).read_text()).get("peak_rss_mb")
+        result["benchmark_run_peak_rss_mb"] = json.loads(Path(args.results).read_text()).get("peak_rss_mb")
 
     print(f"\n{'step':<24}{'workers':>8}{'batch':>7}{'inputs':>7}{'s/step':>8}{'steps/s':>8}{'inputs/s':>9}"
           f"{'data wait':>10}{'x step':>8}{'x inputs/s':>11}")
@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
     print(f"(x step: step time / the supervised step's; x inputs/s: network inputs per second / the supervised "
           f"step's; {result['threads']} torch threads, {result['device']})")
     print(f"peak RSS of this script: {result['script_peak_rss_mb']} MB"
-          + (f"; of the small-budget benchmark run: {result['small_budget_run_peak_rss_mb']} MB" if args.results else ""))
+          + (f"; of the benchmark run ({args.results}): {result['benchmark_run_peak_rss_mb']} MB" if args.results else ""))
     return write_result(result, args.out)
 
 
