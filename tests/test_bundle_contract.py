@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import TINY, monai_run
+from conftest import REPO, TINY, monai_run
 from medssl.bundles import bundle_path, format_config, list_bundles, stage_config_files
 from medssl.contract import METRICS_KEYS, METRICS_ROW_KEYS, check_bundle
 
@@ -94,3 +94,21 @@ def test_bundle_folder_runs_alone_from_inside(bundle, tmp_path, nuclei_copy):
     assert set(METRICS_KEYS) <= set(metrics), sorted(metrics)
     rows = [metrics[k] for k in METRICS_ROW_KEYS if k in metrics]
     assert len(rows) == 1 and len(rows[0]) == metrics["num_cases"] > 0
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_eval_metrics_equal_the_results_the_description_names(bundle):
+    """metadata ``eval_metrics`` are copied by hand from a committed benchmark: they must equal the summary row
+    (results file, variant, fraction) that the description names, so a rerun cannot leave them stale."""
+    import re
+
+    meta = json.loads((bundle_path(bundle) / "configs" / "metadata.json").read_text())
+    found = re.search(r"from (docs/results/\S+/results\.json) \(summary, variant (\w+), fraction ([\d.]+)\)",
+                      meta["description"])
+    assert found, f"{bundle}: the description does not name the results its eval_metrics come from"
+    path, variant, fraction = found.groups()
+    rows = [s for s in json.loads((REPO / path).read_text())["summary"]
+            if s["variant"] == variant and s["fraction"] == float(fraction)]
+    assert len(rows) == 1, f"{path}: no single summary row for {variant} at {fraction}"
+    expected = {"mean_dice": rows[0]["mean_dice"], **{f"dice_{r}": v for r, v in rows[0]["dice"].items()}}
+    assert meta["eval_metrics"] == pytest.approx(expected, abs=5e-5)
