@@ -860,7 +860,8 @@ def plot_validation_curves(results: dict, path: Path) -> None:
     variant, one line per fold, a dot at the step whose model was kept (the best validation)."""
     plt = _pyplot()
     fractions = results["fractions"]
-    fig, axes = plt.subplots(1, len(fractions), figsize=(4.2 * len(fractions), 3.4), dpi=110, squeeze=False)
+    # at least 6.4 inches wide: one fraction's panel must still hold the title
+    fig, axes = plt.subplots(1, len(fractions), figsize=(max(4.2 * len(fractions), 6.4), 3.4), dpi=110, squeeze=False)
     colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in results["runs"]))}
     for ax, f in zip(axes[0], fractions):
         for r in results["runs"]:
