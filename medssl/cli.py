@@ -307,7 +307,7 @@ class CLI:
 
     def benchmark(self, bundle: str, data_dir: str = "", fractions: str = "0.1,0.2,1.0", folds: int = 0,
                   seed: int = 0, budget: str = "small", out: str = "benchmark_out", variants: str = "",
-                  reevaluate: bool = False, workers: int = 1, figures: int = 0):
+                  reevaluate: bool = False, workers: int = 1, figures: int = 0, pretrained_from: str = ""):
         """Method vs baseline (and the bundle's other variants, bundles/BUNDLE/benchmark.json) at each label
         fraction, by k-fold cross-validation: every case is tested once; variants are compared with the
         baseline case by case (paired bootstrap). Writes results.json/.md and plots to --out; an
@@ -327,11 +327,13 @@ class CLI:
             workers: runs trained at once in separate processes (a GPU or many-core machine).
             figures: PNGs of this many test cases per fold and fraction, method above baseline, in
                 --out/figures (each evaluation's --save_figures; runs finished before need --reevaluate).
+            pretrained_from: another benchmark's --out whose finished pretrainings are the same as this call's
+                (same settings and fold cases, e.g. a budget that only fine-tunes longer): copied, not repeated.
         """
         from .apps.benchmark import run_benchmark
         run_benchmark(bundle, _benchmark_data(bundle, data_dir), fractions, folds=folds or None, seed=seed, budget=budget,
                       out=out, variants=variants or None, reevaluate=reevaluate, workers=workers,
-                      figures=figures)
+                      figures=figures, pretrained_from=pretrained_from or None)
         print(Path(out, "results.md").read_text())
 
     def sweep(self, bundle: str, name: str = "pretraining_length", data_dir: str = "",

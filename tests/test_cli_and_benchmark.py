@@ -228,6 +228,26 @@ def test_variants_share_pretrainings_and_each_gets_a_row(tmp_path, brats_copy, m
     md = (out / "results.md").read_text()
     assert "| 0.2 | two_swaps | mean |" in md and "| 0.2 | method | mean |" in md
 
+    # another benchmark folder takes these finished pretrainings (same settings and folds) instead of repeating them
+    pretrainings = {p.relative_to(out): p.read_bytes() for p in out.glob("fold*/pretrain_t20/*") if p.is_file()}
+    calls = []
+    monkeypatch.setattr(bm, "run_stage", lambda bundle, stage, *a, _run=bm.run_stage, **kw:
+                        calls.append(stage) or _run(bundle, stage, *a, **kw))
+    other = tmp_path / "other"
+    again = run_benchmark("context_restoration", str(data), out=str(other), variants="method", pretrained_from=str(out),
+                          **SMOKE)
+    assert "pretrain" not in calls and calls.count("train") == 2
+    assert {p: (other / p).read_bytes() for p in pretrainings} == pretrainings
+    assert again["pretrained_from"] == [str(out.resolve())]
+    assert again["pretrain_seconds"]["t20"] == res["pretrain_seconds"]["t20"]
+    # one that differs in a setting is refused before any training, naming its record and the setting
+    custom.pretrainings["t20"] = {"num_swaps": 3}
+    calls.clear()
+    with pytest.raises(ValueError, match=r"fold0/pretrain_t20/run.json: .*'num_swaps': \(None, 3\)"):
+        run_benchmark("context_restoration", str(data), out=str(tmp_path / "third"), variants="method",
+                      pretrained_from=str(out), **SMOKE)
+    assert calls == []
+
 
 @pytest.mark.slow
 def test_pretraining_length_sweep(tmp_path, brats_copy, monkeypatch):

@@ -266,6 +266,61 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
     return record
 
 
+def adopt_pretrainings(runs: list[Run], ctx: Context, out_dir: Path, source: Path) -> list[Path]:
+    """Copy into ``out_dir`` the finished pretrainings of another benchmark folder ``source`` that this plan's
+    unfinished pretrainings would repeat: same bundle, the same settings given to the pretrain stage (the
+    budget's and the pretraining's overrides, seed and data; places aside) and the same datalist content (the
+    fold's cases). Each copy is made in a temporary folder renamed at the end. A pretraining ``source`` lacks
+    (or has not finished) is pretrained here as usual; one that differs in a setting, or a half-done one here,
+    raises ``ValueError`` naming the file and the difference, before any training. Returns the copied folders."""
+    import shutil
+    import tempfile
+
+    from ..bundles import RUN_RECORD, _PLACE
+
+    source = Path(source).resolve()
+    if not source.is_dir():
+        raise ValueError(f"{source}: no such benchmark folder (--pretrained_from); expected the --out of an earlier "
+                         f"medssl benchmark {ctx.bundle}")
+    todo = []
+    for run in runs:
+        if run.kind != "pretrain" or not run.selected or run.record.is_file():
+            continue
+        src = source / run.dir.relative_to(out_dir)
+        if not (src / "timing.json").is_file():
+            continue
+        record_file = src / RUN_RECORD
+        try:
+            record = json.loads(record_file.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{record_file}: unreadable run record ({e}); expected the run.json of a finished "
+                             f"pretraining") from None
+        def settings(given: dict) -> dict:  # what the stage was given, less where things are (the datalist: below)
+            return {k: v for k, v in json.loads(json.dumps(given, default=str)).items()
+                    if k not in _PLACE and k != "datalist_file"}
+
+        ours, theirs = settings({**ctx.common, **run.overrides}), settings(record.get("overrides", {}))
+        if record.get("bundle") != ctx.bundle or record.get("stage") != "pretrain" or theirs != ours:
+            diff = {k: (theirs.get(k), ours.get(k)) for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)}
+            raise ValueError(f"{record_file}: pretraining of bundle {record.get('bundle')!r}, stage "
+                             f"{record.get('stage')!r} with other settings (there, here): {diff}; expected "
+                             f"{ctx.bundle!r} pretrain with this budget's settings")
+        their_list = Path(record.get("overrides", {}).get("datalist_file", ""))
+        if not their_list.is_file() or json.loads(their_list.read_text()) != json.loads(run.datalist.read_text()):
+            raise ValueError(f"{their_list}: the datalist {src} was pretrained on is missing or holds other cases "
+                             f"than {run.datalist}; expected the same fold (same data, folds and seed)")
+        if run.dir.exists():
+            raise ValueError(f"{run.dir}: an unfinished pretraining; expected none where --pretrained_from "
+                             f"{source} provides it (remove the folder to adopt it)")
+        todo.append((src, run.dir))
+    for src, dst in todo:  # every check passed before anything is copied
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        os.replace(tmp, dst)
+    return [dst for _, dst in todo]
+
+
 def _model_dir(run: Run, variant: Variant) -> Path:
     """Where a variant run's model and curves are: its own folder, or (an evaluation-only variant) the
     folder of the run it continues."""
@@ -363,7 +418,7 @@ def pretext_curve(pre_dir: Path) -> dict:
 def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: int | None = None, seed: int = 0,
                   budget: str = "small", out: str = "benchmark_out", progress: bool = True,
                   logging_file: str | bool | None = None, variants=None, reevaluate: bool = False,
-                  workers: int = 1, figures: int = 0) -> dict:
+                  workers: int = 1, figures: int = 0, pretrained_from: str | None = None) -> dict:
     """Run (or resume) the benchmark grid (folds x fractions x variants): :func:`plan`, then
     :func:`execute` each run, then :func:`report`; returns the ``results.json`` content.
 
@@ -380,9 +435,18 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     ``figures`` > 0 draws that many test cases of each evaluation of ``method`` and ``baseline`` (the bundle's
     ``save_figures``; runs finished earlier need ``reevaluate``) and stacks each case's two figures
     (:func:`side_by_side_figures`).
+    ``pretrained_from`` (another benchmark's ``out``) takes its finished pretrainings instead of pretraining
+    again, where they are the same (:func:`adopt_pretrainings`): e.g. a budget with longer fine-tuning and the
+    same pretraining.
     """
     spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
                                                  out, logging_file, variants)
+    if pretrained_from:
+        adopted = adopt_pretrainings(runs, ctx, out_dir, Path(pretrained_from))
+        if adopted:
+            ctx.results["pretrained_from"] = sorted({*earlier.get("pretrained_from", []), str(Path(pretrained_from).resolve())})
+    elif earlier.get("pretrained_from"):
+        ctx.results["pretrained_from"] = earlier["pretrained_from"]
     ctx.figures = int(figures)
     results = ctx.results
     if int(workers) > 1:
