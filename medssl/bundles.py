@@ -204,6 +204,16 @@ def write_run_record(ckpt_dir, run_settings: dict | None = None) -> Path:
     return atomic_write_json(record, Path(ckpt_dir) / RUN_RECORD)
 
 
+def read_run_record(ckpt_dir) -> dict:
+    """``ckpt_dir/run.json`` (:func:`write_run_record`); ``ValueError`` naming the file where it is missing or
+    not JSON."""
+    path = Path(ckpt_dir) / RUN_RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable run record ({e}); expected the JSON a training stage writes") from None
+
+
 def recorded_settings(bundle: str, stage: str, ckpt_dir, changed_only: bool = True) -> dict:
     """The settings a model in ``ckpt_dir`` was trained with (its ``run.json``) that ``stage`` of ``bundle``
     also has with another default - what evaluating or running that model needs (network sizes and
@@ -213,10 +223,7 @@ def recorded_settings(bundle: str, stage: str, ckpt_dir, changed_only: bool = Tr
     path = Path(ckpt_dir) / RUN_RECORD
     if not path.is_file():
         return {}
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: unreadable run record ({e}); expected the JSON a training stage writes") from None
+    record = read_run_record(ckpt_dir)
     if record.get("bundle") not in (None, bundle):
         raise ValueError(f"{path}: a run of bundle {record.get('bundle')!r}; expected one of {bundle!r}")
     files = stage_config_files(bundle_path(bundle), stage)

@@ -276,7 +276,11 @@ def adopt_pretrainings(runs: list[Run], ctx: Context, out_dir: Path, source: Pat
     import shutil
     import tempfile
 
-    from ..bundles import RUN_RECORD, _PLACE
+    from ..bundles import _PLACE, RUN_RECORD, read_run_record
+
+    def settings(given: dict) -> dict:  # what the stage was given, less where things are (the datalist: below)
+        return {k: v for k, v in json.loads(json.dumps(given, default=str)).items()
+                if k not in _PLACE and k != "datalist_file"}
 
     source = Path(source).resolve()
     if not source.is_dir():
@@ -289,16 +293,7 @@ def adopt_pretrainings(runs: list[Run], ctx: Context, out_dir: Path, source: Pat
         src = source / run.dir.relative_to(out_dir)
         if not (src / "timing.json").is_file():
             continue
-        record_file = src / RUN_RECORD
-        try:
-            record = json.loads(record_file.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{record_file}: unreadable run record ({e}); expected the run.json of a finished "
-                             f"pretraining") from None
-        def settings(given: dict) -> dict:  # what the stage was given, less where things are (the datalist: below)
-            return {k: v for k, v in json.loads(json.dumps(given, default=str)).items()
-                    if k not in _PLACE and k != "datalist_file"}
-
+        record_file, record = src / RUN_RECORD, read_run_record(src)
         ours, theirs = settings({**ctx.common, **run.overrides}), settings(record.get("overrides", {}))
         if record.get("bundle") != ctx.bundle or record.get("stage") != "pretrain" or theirs != ours:
             diff = {k: (theirs.get(k), ours.get(k)) for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)}
@@ -441,12 +436,11 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     """
     spec, ctx, runs, out_dir, earlier = _prepare(bundle, load_spec(bundle), data_dir, fractions, folds, seed, budget,
                                                  out, logging_file, variants)
-    if pretrained_from:
-        adopted = adopt_pretrainings(runs, ctx, out_dir, Path(pretrained_from))
-        if adopted:
-            ctx.results["pretrained_from"] = sorted({*earlier.get("pretrained_from", []), str(Path(pretrained_from).resolve())})
-    elif earlier.get("pretrained_from"):
-        ctx.results["pretrained_from"] = earlier["pretrained_from"]
+    sources = set(earlier.get("pretrained_from", []))  # an earlier call's, kept
+    if pretrained_from and adopt_pretrainings(runs, ctx, out_dir, Path(pretrained_from)):
+        sources.add(str(Path(pretrained_from).resolve()))
+    if sources:
+        ctx.results["pretrained_from"] = sorted(sources)
     ctx.figures = int(figures)
     results = ctx.results
     if int(workers) > 1:
