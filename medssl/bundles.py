@@ -141,8 +141,14 @@ def check_command_line(bundle_root: str) -> bool:
             if not eq:
                 value = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "True"
             overrides[key.replace("-", "_")] = DefaultParseValue(value)
+    if overrides.get("args_file"):  # its pairs lie beneath the command line's, as monai.bundle.run merges them
+        from monai.bundle import ConfigParser
+
+        overrides = {**ConfigParser.load_config_file(str(overrides["args_file"])), **overrides}
     files = overrides.pop("config_file", [])
-    files = [files] if isinstance(files, str) else list(files)
+    if isinstance(files, str):  # one file, or several joined by commas (as monai.bundle.run reads them)
+        files = files.split(",") if "," in files and not Path(files).is_file() else [files]
+    files = list(files)
     for key in ("meta_file", "logging_file", "bundle_root", "args_file"):
         overrides.pop(key, None)
     try:
@@ -167,8 +173,11 @@ def run_stage(bundle: str | os.PathLike, stage: str, logging_file: str | bool | 
     _note_run(root.name, files, overrides)
     if logging_file is None:
         logging_file = str(root / "configs" / "logging.conf")
-    return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
-               logging_file=logging_file, **overrides)
+    try:
+        return run(config_file=files, meta_file=str(root / "configs" / "metadata.json"),
+                   logging_file=logging_file, **overrides)
+    finally:  # a config parsed by hand later in this process is not this stage
+        _RUN.clear()
 
 
 # What a run's folder needs to be used on its own: ``run.json`` (:func:`write_run_record`).
@@ -178,19 +187,103 @@ _PLACE = ("bundle_root", "ckpt_dir", "output_dir", "resume", "device", "dataset_
           "config_file", "args_file", "initialize", "run", "finalize")
 _RUN: dict = {}  # the stage being run in this process (set by run_stage / check_command_line)
 
+# The settings a resumed run may change (:func:`run_settings`; ``docs/user_guide.md``): every other setting of
+# a training stage must be what the checkpoint was trained with. A config id is exempt when one of the keys on
+# its path is one of these (``num_workers`` exempts ``train#dataloader#num_workers`` too).
+RESUME_MAY_CHANGE = (
+    # the budget and its pace: a resumed run trains on to the new max_epochs, validates, stops early and
+    # snapshots as now told
+    "max_epochs", "val_interval", "patience", "snapshot_steps",
+    # how, not what: loader workers, progress bars, the device, and whether to resume at all
+    "num_workers", "progress", "device", "resume",
+    # places: the bundle, data and output folders, the datalist's file (its content counts: the ``datalist``
+    # digest) and the weights a stage starts from (a resumed run takes its weights from the checkpoint)
+    "bundle_root", "ckpt_dir", "output_dir", "dataset_dir", "datalist_file", "pretrained_ckpt", "cml_ckpt",
+    # MONAI's own arguments, the imports and the entry points
+    "logging_file", "meta_file", "config_file", "args_file", "imports", "initialize", "run", "finalize")
+# arguments of ``monai.bundle.run`` / ``ConfigWorkflow`` that are not config ids
+_MONAI_ARGS = ("workflow_name", "workflow_type", "properties_path", "init_id", "run_id", "final_id", "tracking",
+               "logging_file", "meta_file", "config_file", "args_file")
+
 
 def _note_run(bundle: str, files, overrides: dict) -> None:
     files = [str(f) for f in files]
-    given = {k: v for k, v in overrides.items() if k not in ("logging_file", "meta_file", "config_file", "args_file")}
+    given = {k: v for k, v in overrides.items() if k not in _MONAI_ARGS}
     _RUN.clear()
     _RUN.update(bundle=bundle, stage=Path(files[-1]).stem if files else None, config_files=files,
                 overrides=given, settings={**_plain_settings(Path(f) for f in files), **given})
 
 
+def resume_settings(bundle: str | os.PathLike, stage: str, overrides: dict | None = None, datalist: dict | None = None,
+                    **resolved) -> dict:
+    """What a checkpoint of ``stage`` of ``bundle`` (a name, or a bundle folder as a ``Path``) run with
+    ``overrides`` must have been trained with to be resumed: every id of the stage's configs layered as MONAI
+    does, the overrides set (as ``monai.bundle.run`` sets them), not resolved, as ``{"a#b#c": value}`` leaves
+    (a list of plain values is one leaf), less the ids :data:`RESUME_MAY_CHANGE` exempts. Expressions count as
+    written: with the plain settings they refer to, they determine what the stage resolves. ``datalist`` (the
+    resolved one) replaces the ``datalist`` expression by :func:`medssl.data.datalist_digest` of it (which
+    cases, not where they are); ``resolved`` (e.g. ``seed``) replace their ids by resolved values."""
+    root = Path(bundle) if isinstance(bundle, os.PathLike) else bundle_path(bundle)
+    return _resume_settings(stage_config_files(root, stage), overrides or {}, datalist, resolved)
+
+
+def _resume_settings(files, overrides: dict, datalist, resolved: dict) -> dict:
+    from monai.bundle import ConfigParser
+
+    from .engines.handlers import _comparable
+
+    parser = ConfigParser(config=ConfigParser.load_config_files([str(f) for f in files]))
+    parser.update({k: v for k, v in overrides.items() if k not in _MONAI_ARGS})
+    leaves: dict = {}
+
+    def flatten(obj, key):
+        if isinstance(obj, dict) and obj:
+            for k, v in obj.items():
+                flatten(v, f"{key}#{k}" if key else str(k))
+        elif isinstance(obj, (list, tuple)) and any(isinstance(x, (dict, list, tuple)) for x in obj):
+            for i, v in enumerate(obj):
+                flatten(v, f"{key}#{i}")
+        elif not set(key.split("#")) & {*RESUME_MAY_CHANGE, parser.meta_key}:
+            leaves[key] = obj
+
+    flatten(parser.get(), "")
+    if datalist is not None:
+        leaves["datalist"] = _digest(datalist)
+    leaves.update(resolved)
+    return _comparable(leaves)
+
+
+def run_settings(datalist: dict | None = None, **resolved) -> dict:
+    """The settings a training stage's :class:`medssl.engines.ResumableCheckpoint` compares on resume, derived
+    from the stage being run (recorded by :func:`run_stage`, or by :func:`check_command_line` under ``python -m
+    monai.bundle run``): :func:`resume_settings` of its config files and overrides, with the digest of
+    ``datalist`` (the resolved datalist) and the ``resolved`` values (``seed``: it seeds the epochs). A
+    bundle's checkpoint handler gets ``"settings": "$medssl.bundles.run_settings(@datalist, seed=@seed)"``; no
+    list is kept by hand. Where no stage is being run (a config parsed by hand) it warns and returns only
+    what it is given."""
+    if not _RUN.get("config_files"):
+        import warnings
+
+        from .engines.handlers import _comparable
+
+        given = {**({} if datalist is None else {"datalist": _digest(datalist)}), **resolved}
+        warnings.warn("medssl.bundles.run_settings: no bundle stage is being run (started neither by medssl.bundles."
+                      "run_stage / medssl run nor by python -m monai.bundle run); a resume compares only "
+                      f"{', '.join(given) or 'nothing'}", stacklevel=2)
+        return _comparable(given)
+    return _resume_settings(_RUN["config_files"], _RUN.get("overrides", {}), datalist, resolved)
+
+
+def _digest(datalist: dict) -> str:
+    from .data import datalist_digest
+
+    return datalist_digest(datalist)
+
+
 def write_run_record(ckpt_dir, run_settings: dict | None = None) -> Path:
     """Write ``ckpt_dir/run.json`` (atomically) for the training stage being run: the bundle and stage, the
     settings given to it (``overrides``), every setting of its configs with those applied (``settings``), its
-    defining ``run_settings`` (what a resume must match) and the versions. Called by
+    ``run_settings`` (what a resume must match: :func:`run_settings`) and the versions. Called by
     :class:`medssl.engines.ResumableCheckpoint` once the run has passed its resume check, so a refused run
     leaves an earlier record alone. :func:`recorded_settings` reads it back."""
     import monai

@@ -4,7 +4,7 @@
     medssl run BUNDLE STAGE [--key value ...]
     medssl data download brats18-sample [--out DIR]
     medssl data prepare SRC OUT
-    medssl data split DIR --out FILE [--label_fraction 0.1] [--seed 0] [--val_fraction 0.15] [--test_fraction 0.3]
+    medssl data split DIR --out FILE [--label_fraction 0.1] [--seed 0] [--val_fraction 0.15] [--test_fraction 0.3] [--label_unit slice]
     medssl data check DIR
     medssl benchmark BUNDLE --data_dir DIR --fractions 0.1,0.2,1.0 --folds 5 --seed 0 --budget small --out DIR
     medssl label serve --studies DIR [--bundles a,b] [--port 8000] [--weights name=RUN_DIR,...]
@@ -58,7 +58,7 @@ class Data:
         return [str(p) for p in prepare(src, out, pixdim, margin)]
 
     def split(self, data_dir: str, out: str, label_fraction: float = 1.0, seed: int = 0, val_fraction: float = 0.15,
-              test_fraction: float = 0.3):
+              test_fraction: float = 0.3, label_unit: str = "case"):
         """Write an MSD-style datalist JSON (training with labelled flags / validation / test).
 
         Cases without a segmentation (no <case>_seg file; no labels/<id>.png) are unlabelled: they all go to
@@ -72,15 +72,25 @@ class Data:
             seed: fixes the split.
             val_fraction: share of the labelled cases held out for validation.
             test_fraction: share of the labelled cases held out for testing.
+            label_unit: 'case' (default: label_fraction of the training cases are labelled, whole volumes) or
+                'slice' (BraTS volumes for 2D slice networks, dfr_barlow: label_fraction of the brain-showing
+                axial slices of ALL training volumes are labelled, as "labelled_slices" per volume; the three
+                sets are the same as with 'case').
         """
-        from .data import LAYOUTS, detect_layout, make_split, write_datalist
+        from .data import LAYOUTS, detect_layout, label_slices, make_split, write_datalist
 
+        if label_unit not in ("case", "slice"):
+            raise ValueError(f"label_unit must be 'case' or 'slice', got {label_unit!r}")
         cases = LAYOUTS[detect_layout(data_dir)](data_dir)
         split = make_split(cases, label_fraction, seed, val_fraction, test_fraction)
+        if label_unit == "slice":
+            split = label_slices(split, label_fraction, seed)
         write_datalist(split, out, data_dir)
         n_lab = sum(c["labelled"] for c in split["training"])
         n_none = sum("label" not in c for c in split["training"])
-        return (f"{out}: {len(split['training'])} training ({n_lab} labelled, {n_none} without a label), "
+        n_slices = sum(len(c.get("labelled_slices", [])) for c in split["training"])
+        slices = f", {n_slices} labelled slices" if label_unit == "slice" else ""
+        return (f"{out}: {len(split['training'])} training ({n_lab} labelled{slices}, {n_none} without a label), "
                 f"{len(split['validation'])} validation, {len(split['test'])} test")
 
     def check(self, data_dir: str, layout: str = ""):

@@ -69,6 +69,24 @@ def _expressions(obj, path=""):
         yield path, obj
 
 
+def _checkpoints(obj, path=""):
+    """``(id, dict)`` of every :class:`medssl.engines.ResumableCheckpoint` a config (or a part of one) builds."""
+    if isinstance(obj, dict):
+        if str(obj.get("_target_", "")).endswith("ResumableCheckpoint"):
+            yield path, obj
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return
+    for k, v in items:
+        yield from _checkpoints(v, f"{path}#{k}" if path else str(k))
+
+
+# what a ResumableCheckpoint's settings are: derived from the stage (medssl.bundles.run_settings), not listed
+RESUME_SETTINGS = "$medssl.bundles.run_settings(@datalist, seed=@seed)"
+
+
 def _stage_ids(files: list[Path]) -> set[str]:
     """Every id (``a#b#c``) defined by layering ``files`` as MONAI does."""
     from monai.bundle import ConfigParser
@@ -119,6 +137,13 @@ def check_bundle(root: str | Path) -> list[str]:
             if len(expr) > MAX_EXPRESSION:
                 problems.append(f"{files[-1]}: {path}: a {len(expr)}-character expression (max {MAX_EXPRESSION}); "
                                 "make it a documented function in medssl")
+        for path, ckpt in _checkpoints(own):
+            if not str(ckpt.get("settings", "")).startswith("$medssl.bundles.run_settings("):
+                problems.append(f"{files[-1]}: {path}: a ResumableCheckpoint whose settings are not derived from the "
+                                f"stage; expected \"settings\": \"{RESUME_SETTINGS}\"")
+        problems += [f"{files[-1]}: {k!r}: a hand-kept list of run settings; expected none (the checkpoint derives "
+                     f"them: every setting but medssl.bundles.RESUME_MAY_CHANGE)"
+                     for k in own if k.split("#")[0] == "run_settings"]
         text = files[-1].read_text()
         if re.search(r"\.\./|bundles/", text):
             problems.append(f"{files[-1]}: refers to a file outside its bundle folder")

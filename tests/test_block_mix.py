@@ -9,6 +9,7 @@ from monai.data import DataLoader, MetaTensor
 from monai.transforms import LoadImage
 
 from medssl.transforms import RandModalityBlockMix, RandModalityBlockMixd
+from medssl.transforms.block_mix import _rank_order, _to_blocks, normalize_blocks
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 
@@ -185,3 +186,101 @@ def test_each_block_position_keeps_its_multiset_of_values(volume, slice2d):
                 # and per channel: output block = some input modality's block, each modality once
                 src = [next(m for m in range(4) if np.array_equal(yb[b][c], xb[b][m])) for c in range(4)]
                 assert sorted(src) == [0, 1, 2, 3]
+
+
+# --- normalize_blocks: the per-block intensity shortcut removed -------------------------------------------------
+
+def _synthetic(dims, seed=0):
+    """Four 'modalities' with different intensity distributions (shifted, skewed, heavy-tailed, quantised) on
+    a shared foreground ball, background 0: (4, *spatial) float32, every spatial size 16."""
+    rng = np.random.default_rng(seed)
+    shape = (16,) * dims
+    grid = np.stack(np.meshgrid(*[np.arange(s) - 7.5 for s in shape], indexing="ij"))
+    fg = (grid ** 2).sum(0) < 7.0 ** 2
+    ramp = grid[0] / 8.0  # shared anatomy: every channel a different function of it plus noise
+    chans = [ramp + rng.normal(0, 0.1, shape) - 1.0,
+             np.exp(ramp + rng.normal(0, 0.3, shape)),
+             np.round(3 * np.tanh(-ramp) + rng.normal(0, 0.5, shape)),  # quantised: many ties
+             rng.standard_t(2, shape) + 2.0]
+    x = np.stack(chans).astype(np.float32) * fg
+    x[2][fg & (rng.random(shape) < 0.05)] = 0.0  # some foreground voxels zero in one channel only
+    return x
+
+
+def _check_equalised(y, grid, x=None, table=None):
+    """Per block: identical sorted foreground values in every channel, background 0; with ``x`` and the
+    combination ``table[k]``, channel c of block b is a non-decreasing function of input modality table[c, b]."""
+    yb = _blocks(_as_numpy(y), grid)
+    xb = _blocks(x, grid) if x is not None else None
+    for b, blk in enumerate(yb):
+        fg = (blk != 0).any(0) if xb is None else (xb[b] != 0).any(0)
+        assert (blk[:, ~fg] == 0).all(), "background changed"
+        ref = np.sort(blk[0][fg])
+        for c in range(blk.shape[0]):
+            np.testing.assert_array_equal(np.sort(blk[c][fg]), ref)
+            if xb is not None:
+                src = xb[b][table[c, b]][fg]
+                order = np.lexsort((blk[c][fg], src))  # by source value, ties (ranked in any order) by output
+                assert (np.diff(blk[c][fg][order]) >= 0).all(), "ranks not kept"
+
+
+@pytest.mark.parametrize("dims,blocks", [(2, (2, 2)), (3, (2, 2, 1)), (3, 2), (2, (4, 1))])
+def test_histogram_normalisation_gives_every_channel_of_a_block_the_same_values(dims, blocks):
+    x = _synthetic(dims)
+    grid = (blocks,) * dims if isinstance(blocks, int) else blocks
+    plain = RandModalityBlockMix(4, blocks, 50, spatial_dims=dims)
+    t = RandModalityBlockMix(4, blocks, 50, spatial_dims=dims, normalize_blocks="histogram").set_random_state(2)
+    before = _blocks(plain.mix(x, 0), grid)
+    assert any(not np.array_equal(np.sort(b[0][b[0] != 0]), np.sort(b[1][b[1] != 0])) for b in before)
+    for _ in range(3):
+        y = t(x)
+        assert y.dtype == x.dtype and y.shape == x.shape
+        _check_equalised(y, grid, x, t.combinations[t.label])
+        # the same as normalising the plain mix (or the input first: it commutes with the mixing)
+        np.testing.assert_array_equal(y, normalize_blocks(plain.mix(x, t.label), grid))
+        np.testing.assert_allclose(y, plain.mix(normalize_blocks(x, grid), t.label), rtol=1e-6, atol=1e-6)
+        assert np.array_equal(t.mix(x, t.label), y), "not deterministic"
+    assert np.array_equal(x, _synthetic(dims)), "input modified"
+
+
+def test_histogram_normalisation_on_real_crops_keeps_type_and_label_semantics(volume, slice2d):
+    for x, blocks in [(volume, (2, 2, 1)), (slice2d, (2, 2)), (torch.as_tensor(slice2d), (2, 2))]:
+        base = _as_numpy(x).copy()
+        t = RandModalityBlockMix(4, blocks, 40, normalize_blocks="histogram").set_random_state(5)
+        y = t(x)
+        assert type(y) is type(x) and y.dtype == x.dtype
+        if isinstance(x, MetaTensor):
+            assert torch.equal(y.affine, x.affine)
+        _check_equalised(y, blocks, base, t.combinations[t.label])
+        n = 40 if x.ndim == 3 else 8  # (a 2D slice: all classes)
+        mixes = np.stack([_as_numpy(t.mix(x, k)) for k in range(n)]).reshape(n, -1)
+        assert len({row.tobytes() for row in mixes}) == n, "two classes produce the same image"
+        assert np.array_equal(_as_numpy(x), base)
+    # the dictionary version passes the option on and still labels every key with the same combination
+    d = RandModalityBlockMixd("image", "label", blocks=(2, 2, 1), normalize_blocks="histogram").set_random_state(1)
+    out = d({"image": volume})
+    _check_equalised(out["image"], (2, 2, 1), volume.numpy(), d.combinations[int(out["label"])])
+
+
+def test_standardize_normalisation_and_bad_modes(volume):
+    x = volume.numpy()
+    y = RandModalityBlockMix(4, (2, 2, 1), 10, normalize_blocks="standardize").set_random_state(0)(x)
+    for blk in _blocks(y, (2, 2, 1)):
+        fg = (blk != 0).any(0)
+        np.testing.assert_allclose(blk[:, fg].mean(1), 0, atol=1e-4)
+        np.testing.assert_allclose(blk[:, fg].std(1), 1, atol=1e-4)
+    assert np.array_equal(normalize_blocks(x, (2, 2, 1), None), x)
+    with pytest.raises(ValueError, match="normalize_blocks must be one of"):
+        RandModalityBlockMix(4, 2, 10, normalize_blocks="zscore")
+    with pytest.raises(TypeError, match="floating-point"):
+        normalize_blocks(np.ones((4, 8, 8), np.int32), (2, 2))
+
+
+def test_the_cpu_radix_ranks_equal_a_stable_sort():
+    """On the CPU the ranks come from a 2-pass radix sort of the float keys; elsewhere from torch.sort: same order
+    (ties, negative values, -0.0 and background included)."""
+    x = torch.as_tensor(_synthetic(3))
+    x[1, :2] = -0.0
+    xb = _to_blocks(x, (2, 2, 1))
+    fg = (xb != 0).any(1, keepdim=True)
+    assert torch.equal(_rank_order(xb, fg), _rank_order(xb.double(), fg))

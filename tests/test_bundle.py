@@ -38,6 +38,17 @@ def test_pretrain_writes_checkpoints(runs):
     assert not list(runs["pretrain"].glob(".*.tmp")), "a temp file was left behind"
 
 
+def test_pretrain_measures_its_pretext_against_the_identity_on_held_out_crops(runs):
+    """Two steps from the zero-initialised gate: the restoration is still (nearly) the identity, so the
+    held-out restoration MSE equals the identity's to within a few percent and the check says 'not learned'."""
+    health = json.loads((runs["pretrain"] / "pretext_health.json").read_text())
+    assert health["metric"] == "restoration_mse" and health["trivial_rule"] == "identity"
+    assert health["crops"] == 16 and health["cases"] >= 1
+    assert 0.02 < health["corrupted_fraction"] < 0.2  # 20 swaps of 2 x 8^3 voxels in a 64^3 crop, in the brain
+    assert health["corrupted_trivial"] > health["trivial"] > 0  # the identity errs only on swapped voxels
+    assert abs(health["value"] / health["trivial"] - 1) < 0.05 and not health["learned"]
+
+
 def test_fine_tune_starts_from_the_pretrained_weights(runs):
     from monai.bundle import ConfigParser
 

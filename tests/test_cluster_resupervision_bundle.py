@@ -57,6 +57,7 @@ def test_method_switches_what_trains(method):
     method itself) and image-level slices for the weak methods, MONAI's iteration on pixel labels otherwise."""
     from monai.bundle import ConfigParser
 
+    from medssl.bundles import resume_settings
     from medssl.losses import ClusterReSupervisionLoss
 
     parser = ConfigParser()
@@ -72,7 +73,9 @@ def test_method_switches_what_trains(method):
     assert it.reconstruction_weight == float(full) and it.target_channel == 3  # T2
     if full:  # the contribution rule: masked re-classification by default, the CAM mean as the compared option
         assert it.resupervision.contribution == "masked"
-        assert parser.get_parsed_content("run_settings")["contribution"] == "masked"
+        # and a run setting: a resume with the other rule is refused (medssl.bundles.resume_settings)
+        assert resume_settings(BUNDLE, "train")["contribution"] == "masked"
+        assert resume_settings(BUNDLE, "train", {"contribution": "cam_mean"})["contribution"] == "cam_mean"
         parser.update({"contribution": "cam_mean"})
         assert parser.get_parsed_content("train#iteration", lazy=False).resupervision.contribution == "cam_mean"
 

@@ -135,6 +135,20 @@ def test_brats_axial_slices_through_the_same_bundle(tmp_path, brats_copy):
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
 
 
+def test_train_on_brats_slices_takes_a_slice_level_datalist(tmp_path, brats_copy):
+    """A datalist with labelled slices spread over the training volumes (``label_unit`` ``"slice"``, as the
+    BraTS-slices benchmark writes it) trains; only those slices reach the training crops (SelectSlicesd)."""
+    from medssl.data import brats_cases, label_slices
+
+    data = brats_copy(4)
+    split = label_slices(make_split(brats_cases(data), 0.5, seed=0), 0.1)
+    assert all(c.get("labelled_slices") for c in split["training"])  # both training volumes, a few slices each
+    dl = write_datalist(split, tmp_path / "dl.json", data)
+    monai_run("train", *TINY, "--dataset_name", "brats18_2mm", "--dataset_dir", data, "--datalist_file", dl,
+              "--init", "baseline", "--val_interval", 1, "--ckpt_dir", tmp_path / "ft")
+    assert (tmp_path / "ft" / "model.pt").is_file()
+
+
 def test_every_variant_runs_on_brats_slices_through_the_harness(tmp_path, brats_copy):
     """The BraTS-slices benchmark (``--data_dir`` a BraTS folder: the spec's ``brats`` layout) runs every
     variant and pretraining of the spec, per volume (WT), with the snapshot training length chosen on

@@ -11,7 +11,7 @@ import torch
 from monai.bundle import ConfigParser
 
 from medssl.contract import stage_files
-from medssl.networks import BlockMixHead, CFBUNet
+from medssl.networks import BlockMixHead, CFBUNet, GatedRestoration
 from medssl.transforms import RandContextSwapd, RandModalityBlockMixd
 
 from conftest import TINY, bundle_runner, check_metadata_and_export, damage_missing_t1ce
@@ -96,7 +96,7 @@ def test_export_and_metadata(runs, tmp_path):
 
 @pytest.mark.parametrize("pretext,network,loss,out_channels,transform", [
     ("block_mix", BlockMixHead, torch.nn.CrossEntropyLoss, 3, RandModalityBlockMixd),
-    ("context_restoration", CFBUNet, torch.nn.MSELoss, 4, RandContextSwapd),
+    ("context_restoration", GatedRestoration, torch.nn.MSELoss, 8, RandContextSwapd),
 ])
 def test_the_pretext_switch_picks_network_loss_head_and_transforms_together(pretext, network, loss, out_channels,
                                                                             transform):
@@ -106,8 +106,7 @@ def test_the_pretext_switch_picks_network_loss_head_and_transforms_together(pret
     net = parser.get_parsed_content("network")
     assert type(net) is network and isinstance(parser.get_parsed_content("loss"), loss)
     assert parser.get_parsed_content("network_def").out_channels == out_channels
-    if network is BlockMixHead:
-        assert net.backbone is parser.get_parsed_content("network_def")  # pretrained.pt is the backbone
+    assert net.backbone is parser.get_parsed_content("network_def")  # pretrained.pt is the backbone
     random = parser.get_parsed_content("train#random_transforms")
     assert isinstance(random[-1], transform)
     assert not any(isinstance(t, (RandContextSwapd, RandModalityBlockMixd)) and not isinstance(t, transform)

@@ -27,9 +27,10 @@ from typing import Sequence
 import numpy as np
 
 from ..bundles import bundles_dir, run_stage
-from ..data import LAYOUTS, check_cases, detect_layout, make_fold, write_datalist
+from ..data import LAYOUTS, check_cases, detect_layout, label_slices, make_fold, write_datalist
 from ..utils import atomic_write, atomic_write_json, atomic_write_text
 from .stats import bootstrap_ci, paired_bootstrap, paired_differences
+from .pretext_report import health_markdown, label_verdicts, plot_health, read_health
 
 
 @dataclass
@@ -207,17 +208,23 @@ FIGURE_VARIANTS = ("method", "baseline")  # drawn side by side by --figures, met
 
 
 def plan(spec: BenchmarkSpec, cases, out_dir: Path, fractions, num_folds: int, seed: int, val_fraction: float,
-         budget: str, selected, data_dir: str) -> list[Run]:
+         budget: str, selected, data_dir: str, label_unit: str = "case") -> list[Run]:
     """The benchmark's runs in execution order: per fold, the pretrainings the ``selected`` variants need,
     then per fraction every variant in the spec's order (so a ``continues`` variant comes after the one it
     continues; unselected ones are only reported, where an earlier call finished them). Writes each
-    fold's datalists (the cross-validation split; nested labelled subsets)."""
+    fold's datalists (the cross-validation split; nested labelled subsets). ``label_unit`` ``"slice"`` (a
+    layout's ``split``, for 2D networks on slices of 3D volumes): a fraction labels that fraction of the axial
+    slices of all the fold's training volumes (:func:`medssl.data.label_slices`) instead of whole volumes."""
+    if label_unit not in ("case", "slice"):
+        raise ValueError(f"label_unit must be 'case' or 'slice', got {label_unit!r}")
     overrides = spec.budgets[budget]
     runs = []
     for fold in range(num_folds):
         fold_dir = out_dir / f"fold{fold}"
-        datalists = {f: write_datalist(make_fold(cases, fold, num_folds, f, seed, val_fraction),
-                                       fold_dir / f"datalist_f{f:g}.json", data_dir) for f in fractions}
+        folded = {f: make_fold(cases, fold, num_folds, f, seed, val_fraction) for f in fractions}
+        if label_unit == "slice":
+            folded = {f: label_slices(dl, f) for f, dl in folded.items()}
+        datalists = {f: write_datalist(dl, fold_dir / f"datalist_f{f:g}.json", data_dir) for f, dl in folded.items()}
         needed = {spec.variants[v].pretrain for v in selected}
         for name in sorted(n for n in spec.pretrainings if n in needed or (fold_dir / f"pretrain_{n}").is_dir()):
             # the fold's training cases, labelled or not (the same at every fraction); never its test cases
@@ -259,9 +266,13 @@ def execute(run: Run, ctx: Context, reevaluate: bool = False, step: int | None =
     run_stage(ctx.bundle, "evaluate", ctx.logging_file, ckpt_dir=str(ckpt_dir), output_dir=str(run.dir),
               datalist_file=str(run.datalist), **ctx.common, **run.overrides, **ckpt, **figures)
     metrics = json.loads((run.dir / "metrics.json").read_text())
-    n_lab = sum(c.get("labelled", True) for c in json.loads(run.datalist.read_text())["training"])
+    training = json.loads(run.datalist.read_text())["training"]
+    n_lab = sum(c.get("labelled", True) for c in training)
+    # a slice-level budget (label_unit "slice"): labelled_cases counts the volumes with a labelled slice
+    n_slices = {"labelled_slices": sum(len(c["labelled_slices"]) for c in training if "labelled_slices" in c)} \
+        if any("labelled_slices" in c for c in training) else {}
     record = run_record(metrics, variant=run.name, fraction=run.fraction, fold=run.fold, seed=ctx.seed,
-                        labelled_cases=n_lab, **trained, **({} if step is None else {"selected_step": step}))
+                        labelled_cases=n_lab, **n_slices, **trained, **({} if step is None else {"selected_step": step}))
     atomic_write_json(record, run.record)
     return record
 
@@ -446,7 +457,7 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
     if int(workers) > 1:
         _train_in_parallel(runs, ctx, int(workers))
     results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir) if r]
-    report(results, spec.names, spec.reference, spec.pairs)
+    report(results, spec.names, spec.reference, spec.pairs, {n: v.pretrain for n, v in spec.variants.items()})
     # a resumed call that trains little must not report its own small footprint as the benchmark's
     results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
     write_reports(results, out_dir)
@@ -556,6 +567,9 @@ def _record_pretraining(results: dict, run: Run, record: dict) -> None:
     if "loss_curve" in record:
         results.setdefault("pretrain_curves", {}).setdefault(run.name, {})[str(run.fold)] = \
             {k: v for k, v in record.items() if k != "pretrain_seconds"}
+    health = read_health(run.dir)
+    if health is not None:
+        results.setdefault("pretext_health", {}).setdefault(run.name, {})[str(run.fold)] = health
 
 
 def _prepare(bundle, spec, data_dir, fractions, folds, seed, budget, out, logging_file, variants):
@@ -576,16 +590,21 @@ def _prepare(bundle, spec, data_dir, fractions, folds, seed, budget, out, loggin
     regions, data_overrides, split_args, default_folds = spec.for_layout(layout)
     num_folds = int(folds or default_folds)
     val_fraction = float(split_args.get("val_fraction", 0.15))
+    label_unit = str(split_args.get("label_unit", "case"))
     previous = out_dir / "results.json"  # an earlier call's peak memory (results.json is rewritten below)
     earlier = json.loads(previous.read_text()) if previous.is_file() else {}
     if earlier and (earlier.get("folds"), earlier.get("seed")) != (num_folds, seed):
         raise ValueError(f"{out_dir}: holds a benchmark with folds={earlier.get('folds')}, seed={earlier.get('seed')}; "
                          f"expected folds={num_folds}, seed={seed} (or another --out)")
+    if earlier and earlier.get("label_unit", "case") != label_unit:  # its finished runs used other labels
+        raise ValueError(f"{out_dir}: holds a benchmark with label_unit={earlier.get('label_unit', 'case')!r}; "
+                         f"expected {label_unit!r} (the spec's split for this layout; or another --out)")
     results = {"bundle": bundle, "dataset": Path(data_dir).name, "data_dir": data_dir, "budget": budget,
                "budget_overrides": spec.budgets[budget], "fractions": fractions, "folds": num_folds, "seed": seed,
-               "val_fraction": val_fraction, "regions": regions, "runs": []}
+               "val_fraction": val_fraction, **({"label_unit": label_unit} if label_unit != "case" else {}),
+               "regions": regions, "runs": []}
     ctx = Context(bundle, spec, {"dataset_dir": data_dir, "seed": seed, **data_overrides}, seed, logging_file, results)
-    runs = plan(spec, cases, out_dir, fractions, num_folds, seed, val_fraction, budget, selected, data_dir)
+    runs = plan(spec, cases, out_dir, fractions, num_folds, seed, val_fraction, budget, selected, data_dir, label_unit)
     return spec, ctx, runs, out_dir, earlier
 
 
@@ -672,16 +691,18 @@ def run_override_sweep(bundle: str, data_dir: str, name: str, budget: str = "con
 
 
 def report(results: dict, names: Sequence[str], reference: tuple[str, float] | None = None,
-           pairs: Mapping | None = None) -> dict:
+           pairs: Mapping | None = None, pretrain_of: Mapping | None = None) -> dict:
     """Add to ``results`` (its ``runs``, ``fractions`` and ``regions``) the ``summary`` rows, the paired
-    ``comparisons`` with ``baseline`` and, given a ``reference`` (variant, fraction), the
-    ``ratio_to_reference`` rows; returns ``results``."""
+    ``comparisons`` with ``baseline`` (labelled "pretext not learned" where a variant's pretraining, named
+    by ``pretrain_of``, did not beat its trivial solution: :func:`medssl.apps.pretext_report.label_verdicts`)
+    and, given a ``reference`` (variant, fraction), the ``ratio_to_reference`` rows; returns ``results``."""
     runs, fractions, regions = results["runs"], results["fractions"], results["regions"]
     results["summary"] = summarise(runs, fractions, names, regions)
     results["comparisons"] = compare(runs, fractions, names, regions)
     for pair in (pairs or {}).values():  # the spec's other pairs (a pair against baseline is compared above)
         if pair["against"] != "baseline":
             results["comparisons"] += compare(runs, fractions, [pair["variant"]], regions, baseline=pair["against"])
+    label_verdicts(results, pretrain_of or {})
     if reference:
         results["reference"] = {"variant": reference[0], "fraction": reference[1]}
         results["ratio_to_reference"] = ratios_to_reference(runs, *reference, regions)
@@ -852,6 +873,7 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {c['fraction']:g} | {name} | {c['region']} | {_fmt(c['mean'], '+.3f')} | "
                          f"[{_fmt(c['ci'][0], '+.3f')}, {_fmt(c['ci'][1], '+.3f')}] | {c['better']}/{c['worse']} | "
                          f"{c['verdict']} |")
+    lines += health_markdown(results)
     if results.get("selected_steps"):
         steps = sorted({int(k) for s in results["selected_steps"] for k in s["validation"]})
         lines += ["", "Training length chosen on validation: the snapshot step whose validation mean Dice, averaged "
@@ -942,12 +964,17 @@ def plot_validation_curves(results: dict, path: Path) -> None:
 
 
 def plot_pretext_curves(results: dict, path: Path) -> None:
-    """Each pretraining's pretext loss (and its other logged terms) against steps, one line per fold."""
+    """Each pretraining's pretext loss (and its other logged terms) against steps, one line per fold, and its
+    pretext health per fold beside its trivial solution's (:func:`medssl.apps.pretext_report.plot_health`)."""
     plt = _pyplot()
-    curves = results["pretrain_curves"]
+    curves, health = results["pretrain_curves"], results.get("pretext_health", {})
     panels = [(name, key) for name, folds in curves.items()
               for key in dict.fromkeys(k for c in folds.values() for k in c if k.endswith("_curve"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), dpi=110, squeeze=False)
+    checks = [name for name, folds in health.items() if any(h and "value" in h for h in folds.values())]
+    n = len(panels) + len(checks)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0][len(panels):], checks):
+        plot_health(ax, name, health[name])
     for ax, (name, key) in zip(axes[0], panels):
         for fold, c in sorted(curves[name].items()):
             if c.get(key):

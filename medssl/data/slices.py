@@ -67,6 +67,68 @@ def brats_axial_slices(cases: Sequence[dict], area_threshold: int = 50, with_pix
     return out
 
 
+@functools.lru_cache(maxsize=256)
+def axial_brain_slices(image: str, min_brain_fraction: float = 0.05) -> tuple[int, ...]:
+    """The RAS axial indices (the last axis after ``Orientation("RAS")``, as the bundles load a volume) of the
+    slices of the volume ``image`` (one modality's file) that show brain: at least ``min_brain_fraction`` of
+    their pixels non-zero (as :func:`brats_axial_slices` counts them)."""
+    from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Orientation
+
+    vol = np.asarray(Compose([LoadImage(image_only=True), EnsureChannelFirst(), Orientation(axcodes="RAS")])(image))[0]
+    return tuple(int(z) for z in np.flatnonzero((vol != 0).mean(axis=(0, 1)) >= min_brain_fraction))
+
+
+def label_slices(datalist: dict, label_fraction: float, seed: int | None = None,
+                 min_brain_fraction: float = 0.05) -> dict:
+    """``datalist`` (a case-level split of BraTS volumes, :func:`medssl.data.make_split` / ``make_fold``) with
+    the labels of a ``label_fraction`` of the *slices* of ALL its training volumes instead of whole volumes
+    (``label_unit`` ``"slice"``, for 2D networks trained on axial slices).
+
+    Of the ``total`` brain-showing axial slices (:func:`axial_brain_slices`) of the training volumes that have a
+    segmentation, ``max(1, round(label_fraction * total))`` are labelled, spread over the volumes: each volume's
+    slices in a seeded random order, taken round robin over the volumes (in a seeded order), so every volume
+    has a labelled slice as soon as there are as many labelled slices as volumes, and the per-volume counts
+    differ by at most one (until a volume runs out). The order depends only on the seed (default: the
+    datalist's ``seed``) and ``fold``, not on the fraction, so the labelled slices are nested across fractions.
+    A training volume with labelled slices gets ``"labelled": true`` and ``"labelled_slices"`` (sorted RAS axial
+    indices: only those slices' labels may be used, ``medssl.transforms.SelectSlicesd``); the others
+    ``"labelled": false``. Validation and test are unchanged (whole volumes, never labelled for training).
+    The datalist gets ``"label_unit": "slice"``.
+    """
+    if not 0.0 < label_fraction <= 1.0:
+        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    training = datalist["training"]
+    not_volumes = [c.get("case", c["image"]) for c in training if not isinstance(c["image"], (list, tuple))]
+    if not_volumes:
+        raise ValueError(f"label_unit 'slice' needs BraTS volumes (a list of modality files per case); "
+                         f"{not_volumes[0]!r} is a single 2D image: use the case-level split")
+    segmented = sorted((c for c in training if "label" in c), key=lambda c: c["case"])
+    slices = {c["case"]: axial_brain_slices(str(c["image"][0]), float(min_brain_fraction)) for c in segmented}
+    total = sum(len(v) for v in slices.values())
+    if total == 0:
+        raise DataError([f"no training volume with a segmentation and a brain slice ({len(training)} training "
+                         "case(s)); expected at least one to label slices of"])
+    seed = int(datalist.get("seed", 0) if seed is None else seed)
+    rng = np.random.RandomState([seed, int(datalist.get("fold", 0)), 1])
+    per_volume = [list(np.asarray(slices[c["case"]])[rng.permutation(len(slices[c["case"]]))])
+                  for c in segmented]
+    volumes = rng.permutation(len(segmented))
+    order = [(segmented[v]["case"], int(per_volume[v][r])) for r in range(max(map(len, per_volume)))
+             for v in volumes if r < len(per_volume[v])]
+    chosen: dict[str, list[int]] = {}
+    for case, z in order[:max(1, int(round(label_fraction * total)))]:
+        chosen.setdefault(case, []).append(z)
+
+    def flagged(c):
+        c = {k: v for k, v in c.items() if k != "labelled_slices"}
+        if c.get("case") in chosen and "label" in c:
+            return dict(c, labelled=True, labelled_slices=sorted(chosen[c["case"]]))
+        return dict(c, labelled=False)
+
+    return {**datalist, "label_fraction": label_fraction, "label_unit": "slice",
+            "training": [flagged(c) for c in training]}
+
+
 def image_level_only(items: Sequence[dict], context: str = "training slices") -> list[dict]:
     """``items`` unchanged if none carries a pixel ``label`` and both image-level classes occur; else a
     :class:`DataError` (a weakly supervised model must never see pixel labels, and needs positive and

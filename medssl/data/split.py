@@ -3,7 +3,9 @@
 The JSON has the keys ``training``, ``validation`` and ``test`` (Medical Segmentation Decathlon
 style, paths relative to the data set folder) and, inside ``training``, ``"labelled": true|false``
 per case. For a given seed the three sets do not depend on the label fraction, and the labelled
-cases are nested: the labelled cases at fraction 0.1 are among those at 0.2, and so on.
+cases are nested: the labelled cases at fraction 0.1 are among those at 0.2, and so on. With label unit
+``"slice"`` (:func:`medssl.data.label_slices`, 2D networks on slices of BraTS volumes) a training volume may
+instead carry ``"labelled_slices"``: only those axial slices' labels are in the budget.
 """
 
 from __future__ import annotations
@@ -195,12 +197,21 @@ def bundle_datalist(dataset_dir: str, datalist_file: str | None = None, label_fr
     return datalist
 
 
-def labelled(datalist: dict) -> list[dict]:
+def labelled(datalist: dict, slice_labels: bool = False) -> list[dict]:
     """The labelled training cases (every training case with a ``label`` when no ``labelled`` flag is present): what
     supervised training uses. Logs how many it found; none is a :class:`DataError` naming the data set
-    (``datalist["source"]``, set by :func:`bundle_datalist`) and what was expected."""
+    (``datalist["source"]``, set by :func:`bundle_datalist`) and what was expected.
+
+    A datalist that labels only some slices of its volumes (``"labelled_slices"``, written by
+    :func:`medssl.data.label_slices`) is refused unless ``slice_labels`` (the stage keeps only those slices,
+    ``medssl.transforms.SelectSlicesd``): a stage that used the whole volume would use labels outside the budget."""
     cases = [c for c in datalist["training"] if _is_labelled(c)]
     source = datalist.get("source", "datalist")
+    partial = [_name(c) for c in cases if "labelled_slices" in c]
+    if partial and not slice_labels:
+        raise DataError([f"{source}: labels only some axial slices of {len(partial)} training volume(s) (first: "
+                         f"{partial[0]}, \"labelled_slices\"; label_unit 'slice'); expected whole labelled volumes "
+                         "for this stage (a split without --label_unit slice)"])
     if not cases:
         layout = datalist.get("layout", "brats")
         raise DataError([f"{source}: no labelled case ({len(datalist['training'])} training case(s), none with a "
@@ -228,8 +239,10 @@ def evaluation_cases(datalist: dict, split: str = "test") -> list[dict]:
 
 def unlabelled(datalist: dict) -> list[dict]:
     """The training cases not in :func:`labelled` (flagged ``"labelled": false``, or without a ``label``),
-    label files dropped where a case has one: the unlabelled stream of semi-supervised training."""
-    return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"] if not _is_labelled(c)]
+    label files dropped where a case has one: the unlabelled stream of semi-supervised training. A volume with
+    only some slices labelled (``"labelled_slices"``) is in it too: its other slices are unlabelled data."""
+    return [{k: v for k, v in c.items() if k not in ("label", "labelled_slices")} for c in datalist["training"]
+            if not _is_labelled(c) or "labelled_slices" in c]
 
 
 def _is_labelled(c: dict) -> bool:
@@ -251,7 +264,8 @@ def datalist_digest(datalist: dict) -> str:
 
     def name(c):
         image = c["image"][0] if isinstance(c["image"], (list, tuple)) else c["image"]
-        return f"{c.get('case') or Path(str(image)).name}/{c.get('slice', '')}" + ("+tags" if "tags" in c else "")
+        return (f"{c.get('case') or Path(str(image)).name}/{c.get('slice', '')}" + ("+tags" if "tags" in c else "")
+                + (f"+slices{c['labelled_slices']}" if "labelled_slices" in c else ""))
 
     parts = {k: sorted([name(c), bool(c.get("labelled", True))] for c in v)
              for k, v in datalist.items() if isinstance(v, list) and v and isinstance(v[0], dict) and "image" in v[0]}
@@ -260,7 +274,17 @@ def datalist_digest(datalist: dict) -> str:
 
 def all_training(datalist: dict) -> list[dict]:
     """Every training case, labels dropped (what self-supervised pretraining may see)."""
-    return [{k: v for k, v in c.items() if k != "label"} for c in datalist["training"]]
+    return _unlabelled(datalist["training"])
+
+
+def held_out(datalist: dict) -> list[dict]:
+    """Every validation case, labels dropped: the held-out cases on which a pretraining's pretext is measured
+    (:class:`medssl.engines.PretextHealth`; never the test cases)."""
+    return _unlabelled(datalist.get("validation", []))
+
+
+def _unlabelled(cases) -> list[dict]:
+    return [{k: v for k, v in c.items() if k not in ("label", "labelled_slices")} for c in cases]
 
 
 def inference_cases(dataset_dir: str, layout: str | None = None, check: bool = True,

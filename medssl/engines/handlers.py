@@ -86,6 +86,44 @@ def _comparable(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
+_SHOWN = 6  # differing settings shown with both values in a SettingsMismatchError; the rest are named
+_NAMED = 20
+
+
+def check_resume_settings(path, saved: Mapping | None, settings: Mapping) -> None:
+    """Raise :class:`SettingsMismatchError` where the checkpoint ``path``, saved with ``saved`` settings, holds
+    a run with other ``settings`` than those given now (both as :func:`medssl.bundles.run_settings` derives
+    them): each differing setting named by its config id (``patch_size``, ``network_def#channels``), the first
+    few with both values, the count where there are many. A checkpoint without settings, or a run given
+    none, is not checked."""
+    if saved is None or not settings:
+        return
+    saved, settings = _comparable(dict(saved)), _comparable(dict(settings))
+    differ = sorted((k for k in set(saved) | set(settings) if saved.get(k, ...) != settings.get(k, ...)),
+                    key=lambda k: (not (k in saved and k in settings), k))  # changed values first, then absent ones
+    if not differ:
+        return
+
+    def value(d, k):
+        if k not in d:
+            return "unset"
+        text = repr(d[k])
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    said = [f"{k}: {value(saved, k)} there, {value(settings, k)} now" for k in differ[:_SHOWN]]
+    rest = differ[_SHOWN:]
+    if rest:
+        names = ", ".join(rest[:_NAMED]) + (", ..." if len(rest) > _NAMED else "")
+        said.append(f"{len(differ)} settings differ in all, also {names}")
+    unset = sum(k not in saved for k in settings)
+    if unset > len(settings) // 2:
+        said.append(f"the checkpoint records {len(saved)} settings, not the {len(settings)} compared now: it was "
+                    "saved by an older medssl, which compared fewer")
+    raise SettingsMismatchError(
+        f"{path}: holds a run with other settings ({'; '.join(said)}); expected the same settings to resume it: "
+        "use another ckpt_dir, or set resume to false to train afresh over it")
+
+
 class ResumableCheckpoint:
     """Save ``save_dict`` atomically to ``save_dir/filename`` every ``save_interval`` epochs and at the end;
     when ``resume`` and that file exists at start, restore every object from it first. The engine it
@@ -97,9 +135,10 @@ class ResumableCheckpoint:
     ``final_filename`` (optional) also receives the bare state dict of ``save_dict["network"]`` at
     completion, the model-zoo ``model.pt`` format.
 
-    ``settings`` (the run's defining settings: seed, label fraction, initialisation, a digest of the
-    datalist, ...) are stored in the checkpoint; resuming a checkpoint saved with other settings raises
-    :class:`SettingsMismatchError` naming each differing setting, before any training (``resume=False``
+    ``settings`` (in a bundle ``$medssl.bundles.run_settings(@datalist, seed=@seed)``: every setting of the
+    stage but those :data:`medssl.bundles.RESUME_MAY_CHANGE` exempts, and a digest of the datalist) are stored
+    in the checkpoint; resuming a checkpoint saved with other settings raises :class:`SettingsMismatchError`
+    naming each differing setting (:func:`check_resume_settings`), before any training (``resume=False``
     trains afresh instead, overwriting it). The budget (``max_epochs``) may grow: a resumed run trains on.
     Once that check has passed, the run's record (:func:`medssl.bundles.write_run_record`: every setting of
     the stage, ``run.json``) is written beside the checkpoint. ``settings["seed"]`` (else torch's initial seed
@@ -133,14 +172,7 @@ class ResumableCheckpoint:
             self._record()
             return
         ckpt = torch.load(self.path, map_location="cpu", weights_only=False)
-        saved = ckpt.get("settings")
-        if saved is not None and self.settings:
-            differ = [f"{k}: {saved.get(k)!r} there, {self.settings.get(k)!r} now"
-                      for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
-            if differ:
-                raise SettingsMismatchError(
-                    f"{self.path}: holds a run with other settings ({'; '.join(differ)}); expected the same settings "
-                    f"to resume it: use another ckpt_dir, or set resume to false to train afresh over it")
+        check_resume_settings(self.path, ckpt.get("settings"), self.settings)
         self._record()
         missing = [k for k in self.save_dict if k not in ckpt]
         if missing:  # e.g. written before the curves were saved: start those afresh

@@ -5,6 +5,7 @@ from .channels import AsChannels, AsChannelsd, SelectModality, SelectModalityd
 from .block_mix import RandModalityBlockMix, RandModalityBlockMixd
 from .patch_mask import RandPatchMask, RandPatchMaskd
 from .views import RandTwoViewsd
+from .slices import SelectSlicesd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
 
-__all__ = ["RandTwoViewsd", "AsChannels", "AsChannelsd", "SelectModality", "SelectModalityd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["RandTwoViewsd", "SelectSlicesd", "AsChannels", "AsChannelsd", "SelectModality", "SelectModalityd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
