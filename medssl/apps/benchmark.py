@@ -539,11 +539,13 @@ def _train_chain(runs: list[Run], ctx: Context, threads: int) -> None:
 
 def _train_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
     """Train ``workers`` runs at a time, each in a spawned process with its share of this process's torch
-    threads: first every pretraining, then every selected variant of every (fold, fraction), one task per
-    variant together with the variants that continue it (:func:`_train_chain`). Every run leaves its usual
-    files, so :func:`_execute_all` then only selects and evaluates (and a cut run is retrained as ever)."""
+    threads: every pretraining, and every selected variant of every (fold, fraction), one task per variant
+    together with the variants that continue it (:func:`_train_chain`). Tasks that start from no pretraining
+    are queued at once behind the pretrainings, the others as soon as their fold's pretraining is done, so no
+    worker waits for another fold's pretraining. Every run leaves its usual files, so :func:`_execute_all`
+    then only selects and evaluates (and a cut run is retrained as ever)."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
 
@@ -557,9 +559,21 @@ def _train_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
             chains.setdefault((run.fold, run.fraction, first), []).append(run)
     threads = max(1, torch.get_num_threads() // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for wave in (pretrainings, list(chains.values())):
-            for done in [pool.submit(_train_chain, chain, ctx, threads) for chain in wave]:
-                done.result()  # a worker's error is raised here
+        pretrained = {chain[0].dir / "pretrained.pt": pool.submit(_train_chain, chain, ctx, threads)
+                      for chain in pretrainings}
+        after = {}  # pretraining future -> the chains that start from it
+        tasks = list(pretrained.values())
+        for chain in chains.values():
+            need = pretrained.get(chain[0].pretrained) if chain[0].pretrained else None
+            if need is None:
+                tasks.append(pool.submit(_train_chain, chain, ctx, threads))
+            else:
+                after.setdefault(need, []).append(chain)
+        for need in as_completed(after):  # in the order the pretrainings finish
+            need.result()  # a pretraining's error is raised here, before its fine-tunings start
+            tasks += [pool.submit(_train_chain, chain, ctx, threads) for chain in after[need]]
+        for done in tasks:
+            done.result()  # a worker's error is raised here
 
 
 def _record_pretraining(results: dict, run: Run, record: dict) -> None:
