@@ -97,10 +97,10 @@ def combination_scores(block_log_prob: torch.Tensor, combinations) -> torch.Tens
     """``(N, B, M, M)`` per-block (channel, modality) log-probabilities -> ``(N, K)`` combination scores: the sum of
     the log-probabilities of each combination's layout (``table[k][c, b]`` = the modality in channel ``c`` at block
     ``b``), exactly as :class:`medssl.networks.BlockMixHead` scores them."""
-    table = torch.as_tensor(np.array(combinations, dtype=np.int64), device=block_log_prob.device)
-    onehot = torch.nn.functional.one_hot(table.permute(0, 2, 1), table.shape[1]).to(block_log_prob.dtype)
-    return torch.einsum("nbcm,kbcm->nk", block_log_prob, onehot)
+    from ..networks.heads import combination_onehot, score_combinations
 
+    table = torch.as_tensor(np.array(combinations, dtype=np.int64), device=block_log_prob.device)
+    return score_combinations(block_log_prob, combination_onehot(table))
 
 def _layouts(labels: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """``(N,)`` class indices -> ``(N, B, M)``: the modality each channel holds at each block."""

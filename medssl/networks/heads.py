@@ -79,8 +79,7 @@ class BlockMixHead(nn.Module):
         self.head = nn.Sequential(nn.Conv1d(b * in_features, b * hidden, 1, groups=b), nn.ReLU(inplace=True),
                                   nn.Conv1d(b * hidden, b * m * m, 1, groups=b))
         # (K, B, M, M) one-hot of (position, channel) -> modality: combination logits by one contraction
-        onehot = torch.nn.functional.one_hot(table.permute(0, 2, 1), m).float()
-        self.register_buffer("combination_onehot", onehot, persistent=False)
+        self.register_buffer("combination_onehot", combination_onehot(table), persistent=False)
 
     def block_logits(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, B, M, M)``: at block ``b``, for channel ``c``, logits over the modality it holds."""
@@ -91,4 +90,16 @@ class BlockMixHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logp = torch.log_softmax(self.block_logits(x), dim=-1)
-        return torch.einsum("nbcm,kbcm->nk", logp, self.combination_onehot)
+        return score_combinations(logp, self.combination_onehot)
+
+
+def combination_onehot(table: torch.Tensor) -> torch.Tensor:
+    """A ``(K, M, B)`` combination table (``table[k][c, b]`` = the modality in channel ``c`` at block ``b``) as the
+    ``(K, B, M, M)`` one-hot of (block, channel) -> modality that :func:`score_combinations` contracts with."""
+    return torch.nn.functional.one_hot(table.permute(0, 2, 1), table.shape[1]).float()
+
+
+def score_combinations(block_log_prob: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+    """``(N, B, M, M)`` per-block (channel, modality) log-probabilities -> ``(N, K)``: each combination's score is
+    the sum of the log-probabilities of its layout (``onehot`` from :func:`combination_onehot`)."""
+    return torch.einsum("nbcm,kbcm->nk", block_log_prob, onehot.to(block_log_prob.dtype))
