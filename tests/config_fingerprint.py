@@ -8,6 +8,7 @@ Record anew (only when a change of behaviour is intended, and say so in the comm
 
     MEDSSL_DATA_DIR=../shared/data python tests/config_fingerprint.py --write
 
+``--only NAME`` (with ``--write``) records that bundle's stages anew and keeps every other recorded one.
 (``--standalone`` reads each stage from its own file alone, as before issue 11; it recorded the first file.)
 """
 
@@ -179,9 +180,9 @@ def stage_cases(bundle: str, stages) -> dict:
     return cases
 
 
-def describe_all(data_root: str, standalone: bool = False) -> dict:
-    """Every stage of every bundle; ``standalone``: each stage from its own file alone (the layout
-    before issue 11, used once to record the fingerprints)."""
+def describe_all(data_root: str, standalone: bool = False, only: str | None = None) -> dict:
+    """Every stage of every bundle (``only``: of that bundle); ``standalone``: each stage from its own file alone
+    (the layout before issue 11, used once to record the fingerprints)."""
     from medssl.bundles import bundle_path, bundle_stages, list_bundles
 
     def files(name, stage):
@@ -189,6 +190,8 @@ def describe_all(data_root: str, standalone: bool = False) -> dict:
 
     out = {}
     for b in list_bundles():
+        if only and b["name"] != only:
+            continue
         stages = [s for s in bundle_stages(bundle_path(b["name"])) if s not in SKIP_STAGES]
         for key, (stage, over) in stage_cases(b["name"], stages).items():
             out[f"{b['name']}/{key}"] = describe_stage(b["name"], stage, data_root, files(b["name"], stage), over)
@@ -201,8 +204,13 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     data_root = os.environ.get("MEDSSL_DATA_DIR", str((REPO / ".." / "shared" / "data").resolve()))
-    desc = describe_all(data_root, standalone="--standalone" in argv)
+    only = argv[argv.index("--only") + 1] if "--only" in argv else None
+    desc = describe_all(data_root, standalone="--standalone" in argv, only=only)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    if only and "--write" in argv:  # the other bundles' records kept as they are
+        with gzip.open(FINGERPRINTS, "rt") as f:
+            recorded = json.load(f)["stages"]
+        desc = {**{k: v for k, v in recorded.items() if not k.startswith(f"{only}/")}, **desc}
     if "--write" in argv:
         FINGERPRINTS.parent.mkdir(exist_ok=True)
         with gzip.open(FINGERPRINTS, "wt") as f:

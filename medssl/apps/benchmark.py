@@ -30,6 +30,7 @@ from ..bundles import bundles_dir, run_stage
 from ..data import LAYOUTS, check_cases, detect_layout, label_slices, make_fold, write_datalist
 from ..utils import atomic_write, atomic_write_json, atomic_write_text
 from .stats import bootstrap_ci, paired_bootstrap, paired_differences
+from .inference_region import add_served_region, served_regions
 from .pretext_report import health_markdown, label_verdicts, plot_health, read_health
 
 
@@ -74,6 +75,10 @@ class BenchmarkSpec:
     # name -> {"variant", "against", "notes"}: a paired comparison of two variants other than with
     # ``baseline`` (e.g. a method against its equal-step control), reported with the baseline comparisons
     pairs: dict = field(default_factory=dict)
+    # {"name", "variant", "file", "key", "notes"}: the region scoring the network the bundle serves, where a run
+    # trains several (:mod:`medssl.apps.inference_region`)
+    inference_region: dict = field(default_factory=dict)
+    verdict_on: str = ""  # one line: which network or map the verdicts are about (results.md, above the tables)
 
     def for_layout(self, layout: str) -> tuple[list[str], dict, dict, int]:
         """(regions, stage overrides, split keyword arguments, folds) for a data set of ``layout``."""
@@ -116,7 +121,8 @@ def load_spec(bundle: str) -> BenchmarkSpec:
                          variants=variants, pretrainings=raw.get("pretrainings", {}), layouts=raw.get("layouts", {}),
                          reference=tuple(raw["reference"]) if raw.get("reference") else None,
                          folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""), sweeps=raw.get("sweeps", {}),
-                         pairs=raw.get("pairs", {}))
+                         pairs=raw.get("pairs", {}), inference_region=raw.get("inference_region", {}),
+                         verdict_on=raw.get("verdict_on", ""))
     problems = spec.problems()
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
@@ -333,9 +339,11 @@ def _model_dir(run: Run, variant: Variant) -> Path:
     return run.dir.parent / variant.continues[0] if variant.stage is None else run.dir
 
 
-def train_run(run: Run, ctx: Context) -> dict:
+def train_run(run: Run, ctx: Context, start_step: int | None = None) -> dict:
     """Train a variant's run unless its ``trained.json`` is there; returns that record (training seconds
-    and :func:`training_curve`). An unfinished training (cut off midway) resumes from its last epoch's
+    and :func:`training_curve`). A variant that ``continues`` another starts from that run's ``model.pt``, or with
+    ``start_step`` from its snapshot ``model_step{start_step}.pt`` (the model it is scored with, where the
+    budget selects the training length on validation); ``continued_from`` records which. An unfinished training (cut off midway) resumes from its last epoch's
     checkpoint: a resumed training ends exactly where an uninterrupted one does
     (:class:`medssl.engines.ResumableCheckpoint`), so the numbers stay reproducible; its time counts the
     resumed part only."""
@@ -350,13 +358,15 @@ def train_run(run: Run, ctx: Context) -> dict:
     before = 0.0
     if variant.continues:
         first, key = variant.continues
-        start[key] = str(run.dir.parent / first / "model.pt")
+        start[key] = str(run.dir.parent / first / ("model.pt" if start_step is None else f"model_step{start_step}.pt"))
         before = json.loads((run.dir.parent / first / "trained.json").read_text())["train_seconds"]
     t0 = time.perf_counter()
     if variant.stage is not None:  # None: evaluation only, of the continued variant's model
         run_stage(ctx.bundle, variant.stage, ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
                   label_fraction=run.fraction, **ctx.common, **start, **run.overrides)
-    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(_model_dir(run, variant))}
+    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(_model_dir(run, variant)),
+              **({"continued_from": Path(start[variant.continues[1]]).name}
+                 if variant.continues and variant.stage is not None else {})}
     atomic_write_json(record, done)
     return record
 
@@ -454,10 +464,17 @@ def run_benchmark(bundle: str, data_dir: str, fractions="0.1,0.2,1.0", folds: in
         ctx.results["pretrained_from"] = sorted(sources)
     ctx.figures = int(figures)
     results = ctx.results
-    if int(workers) > 1:
-        _train_in_parallel(runs, ctx, int(workers))
-    results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir) if r]
-    report(results, spec.names, spec.reference, spec.pairs, {n: v.pretrain for n, v in spec.variants.items()})
+    results["runs"] = [r for r in _execute_all(runs, ctx, budget, reevaluate, progress, out_dir, int(workers)) if r]
+    extra = []
+    if spec.inference_region:
+        served = served_regions(spec.inference_region, out_dir, range(results["folds"]), results["fractions"])
+        extra = add_served_region(results["runs"], spec.inference_region, served)
+        if extra:
+            results["inference_region"] = {**spec.inference_region,
+                                           "served": {f"fold{k}/f{f:g}": g for (k, f), g in sorted(served.items())}}
+    if spec.verdict_on:
+        results["verdict_on"] = spec.verdict_on
+    report(results, spec.names, spec.reference, spec.pairs, {n: v.pretrain for n, v in spec.variants.items()}, extra)
     # a resumed call that trains little must not report its own small footprint as the benchmark's
     results["peak_rss_mb"] = max(_peak_rss_mb(), earlier.get("peak_rss_mb") or 0.0)
     write_reports(results, out_dir)
@@ -485,30 +502,58 @@ def side_by_side_figures(runs: list[Run], out_dir: Path) -> list[Path]:
     return written
 
 
+def _levels(runs: list[Run], spec: BenchmarkSpec) -> list[list[Run]]:
+    """The plan's runs by how many first phases precede them: the pretrainings and the variants that continue
+    nothing, then those that continue one of them, and so on (each level starts from the level before)."""
+    def depth(name: str) -> int:
+        v = spec.variants[name]
+        return 0 if not v.continues else 1 + depth(v.continues[0])
+
+    levels: dict[int, list[Run]] = {}
+    for run in runs:
+        levels.setdefault(0 if run.kind == "pretrain" else depth(run.name), []).append(run)
+    return [levels[k] for k in sorted(levels)]
+
+
+def _start_step(run: Run, ctx: Context, chosen: Mapping) -> int | None:
+    """The snapshot step a continuing variant's run starts from: the one its first phase is scored at."""
+    v = ctx.spec.variants[run.name]
+    return chosen.get((run.fraction, v.continues[0]), {}).get("step") if v.continues else None
+
+
 def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, progress: bool,
-                 out_dir: Path) -> list[dict | None]:
+                 out_dir: Path, workers: int = 1) -> list[dict | None]:
     """:func:`execute` every run of the plan, the variants' records in plan order (None: not run). Where the
-    budget has ``select_step`` (and ``train.snapshot_steps``), every run is trained first and each
-    (fraction, variant) then evaluated at the training length :func:`select_steps` chose on validation
-    (``results["selected_steps"]``). ``results.json`` is rewritten after each evaluated run."""
+    budget has ``select_step`` (and ``train.snapshot_steps``), every run is trained first, level by level
+    (:func:`_levels`), and each (fraction, variant) then evaluated at the training length :func:`select_steps`
+    chose on validation (``results["selected_steps"]``); a variant that continues another starts from that
+    one's model at its chosen step, the model it is scored with. ``workers`` > 1 trains each level's runs
+    that many at a time (:func:`_train_in_parallel`). ``results.json`` is rewritten after each evaluated run."""
     from tqdm.auto import tqdm
 
     results, budget_spec = ctx.results, ctx.spec.budgets[budget]
     steps = budget_spec.get("train", {}).get("snapshot_steps") if budget_spec.get("select_step") else None
-    chosen = {}
-    if steps:
-        trained = {}
-        bar = tqdm(runs, desc=f"{ctx.bundle}: train", disable=not progress)
-        for run in bar:
-            bar.set_postfix_str(run.label)
-            if run.kind == "pretrain":
-                record = execute(run, ctx)  # None: a pretraining no selected variant needs, left unfinished earlier
-                if record:
-                    _record_pretraining(results, run, record)
-            elif run.selected or (run.dir / "trained.json").is_file():
-                trained.setdefault((run.fraction, run.name), []).append(train_run(run, ctx))
-        chosen = select_steps(trained, steps)
-        results["selected_steps"] = [{"fraction": f, "variant": v, **c} for (f, v), c in chosen.items()]
+    chosen: dict = {}
+    if steps or workers > 1:
+        for level in _levels(runs, ctx.spec):
+            if workers > 1:
+                _train_in_parallel(level, ctx, workers, chosen)
+            if not steps:
+                continue
+            trained = {}
+            bar = tqdm(level, desc=f"{ctx.bundle}: train", disable=not progress)
+            for run in bar:
+                bar.set_postfix_str(run.label)
+                if run.kind == "pretrain":
+                    record = execute(run, ctx)  # None: a pretraining no selected variant needs, left unfinished
+                    if record:
+                        _record_pretraining(results, run, record)
+                elif run.selected or (run.dir / "trained.json").is_file():
+                    record = train_run(run, ctx, _start_step(run, ctx, chosen))
+                    trained.setdefault((run.fraction, run.name), []).append(record)
+            chosen.update(select_steps(trained, steps))
+        if steps:
+            results["selected_steps"] = [{"fraction": f, "variant": v, **c} for (f, v), c in chosen.items()]
     records = []
     bar = tqdm(runs, desc=f"{ctx.bundle}: evaluate" if steps else ctx.bundle, disable=not progress)
     for run in bar:
@@ -524,54 +569,45 @@ def _execute_all(runs: list[Run], ctx: Context, budget: str, reevaluate: bool, p
     return records
 
 
-def _train_chain(runs: list[Run], ctx: Context, threads: int) -> None:
-    """One task of :func:`_train_in_parallel`: its runs in order (a pretraining; or a variant's training and
-    those of the variants that continue it)."""
+def _train_one(run: Run, ctx: Context, threads: int, start_step: int | None) -> None:
+    """One task of :func:`_train_in_parallel`: a pretraining, or a variant's training."""
     import torch
 
     torch.set_num_threads(threads)
-    for run in runs:
-        if run.kind == "pretrain":
-            execute(run, ctx)
-        else:
-            train_run(run, ctx)
+    if run.kind == "pretrain":
+        execute(run, ctx)
+    else:
+        train_run(run, ctx, start_step)
 
 
-def _train_in_parallel(runs: list[Run], ctx: Context, workers: int) -> None:
-    """Train ``workers`` runs at a time, each in a spawned process with its share of this process's torch
-    threads: every pretraining, and every selected variant of every (fold, fraction), one task per variant
-    together with the variants that continue it (:func:`_train_chain`). Tasks that start from no pretraining
-    are queued at once behind the pretrainings, the others as soon as their fold's pretraining is done, so no
-    worker waits for another fold's pretraining. Every run leaves its usual files, so :func:`_execute_all`
-    then only selects and evaluates (and a cut run is retrained as ever)."""
+def _train_in_parallel(runs: list[Run], ctx: Context, workers: int, chosen: Mapping | None = None) -> None:
+    """Train ``workers`` runs at a time (one level of :func:`_levels`), each in a spawned process with its share
+    of this process's torch threads: every pretraining and every selected variant run, a continuing one from its
+    first phase's step in ``chosen``. Runs that start from no pretraining are queued at once behind the
+    pretrainings, the others as soon as their fold's pretraining is done, so no worker waits for another fold's
+    pretraining. Every run leaves its usual files, so :func:`_execute_all` then only selects and evaluates (and
+    a cut run is retrained as ever)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
 
-    pretrainings = [[r] for r in runs if r.kind == "pretrain"]
-    chains = {}
-    for run in runs:
-        if run.kind == "variant" and run.selected:
-            first = run.name
-            while ctx.spec.variants[first].continues:
-                first = ctx.spec.variants[first].continues[0]
-            chains.setdefault((run.fold, run.fraction, first), []).append(run)
     threads = max(1, torch.get_num_threads() // workers)
+    todo = [r for r in runs if r.kind == "variant" and r.selected]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        pretrained = {chain[0].dir / "pretrained.pt": pool.submit(_train_chain, chain, ctx, threads)
-                      for chain in pretrainings}
-        after = {}  # pretraining future -> the chains that start from it
+        pretrained = {r.dir / "pretrained.pt": pool.submit(_train_one, r, ctx, threads, None)
+                      for r in runs if r.kind == "pretrain"}
+        after = {}  # pretraining future -> the runs that start from it
         tasks = list(pretrained.values())
-        for chain in chains.values():
-            need = pretrained.get(chain[0].pretrained) if chain[0].pretrained else None
+        for run in todo:
+            need = pretrained.get(run.pretrained) if run.pretrained else None
             if need is None:
-                tasks.append(pool.submit(_train_chain, chain, ctx, threads))
+                tasks.append(pool.submit(_train_one, run, ctx, threads, _start_step(run, ctx, chosen or {})))
             else:
-                after.setdefault(need, []).append(chain)
+                after.setdefault(need, []).append(run)
         for need in as_completed(after):  # in the order the pretrainings finish
             need.result()  # a pretraining's error is raised here, before its fine-tunings start
-            tasks += [pool.submit(_train_chain, chain, ctx, threads) for chain in after[need]]
+            tasks += [pool.submit(_train_one, run, ctx, threads, None) for run in after[need]]
         for done in tasks:
             done.result()  # a worker's error is raised here
 
@@ -705,17 +741,23 @@ def run_override_sweep(bundle: str, data_dir: str, name: str, budget: str = "con
 
 
 def report(results: dict, names: Sequence[str], reference: tuple[str, float] | None = None,
-           pairs: Mapping | None = None, pretrain_of: Mapping | None = None) -> dict:
+           pairs: Mapping | None = None, pretrain_of: Mapping | None = None, extra_regions: Sequence[str] = ()) -> dict:
     """Add to ``results`` (its ``runs``, ``fractions`` and ``regions``) the ``summary`` rows, the paired
     ``comparisons`` with ``baseline`` (labelled "pretext not learned" where a variant's pretraining, named
     by ``pretrain_of``, did not beat its trivial solution: :func:`medssl.apps.pretext_report.label_verdicts`)
-    and, given a ``reference`` (variant, fraction), the ``ratio_to_reference`` rows; returns ``results``."""
+    and, given a ``reference`` (variant, fraction), the ``ratio_to_reference`` rows; returns ``results``.
+    ``extra_regions`` (e.g. the served network's, :mod:`medssl.apps.inference_region`) are summarised and compared
+    beside ``regions``, outside the per-case mean over ``regions``."""
     runs, fractions, regions = results["runs"], results["fractions"], results["regions"]
-    results["summary"] = summarise(runs, fractions, names, regions)
-    results["comparisons"] = compare(runs, fractions, names, regions)
+    extra = list(extra_regions)
+    if extra:
+        results["extra_regions"] = extra
+    results["summary"] = summarise(runs, fractions, names, regions, extra)
+    results["comparisons"] = compare(runs, fractions, names, regions, extra=extra)
     for pair in (pairs or {}).values():  # the spec's other pairs (a pair against baseline is compared above)
         if pair["against"] != "baseline":
-            results["comparisons"] += compare(runs, fractions, [pair["variant"]], regions, baseline=pair["against"])
+            results["comparisons"] += compare(runs, fractions, [pair["variant"]], regions, baseline=pair["against"],
+                                              extra=extra)
     label_verdicts(results, pretrain_of or {})
     if reference:
         results["reference"] = {"variant": reference[0], "fraction": reference[1]}
@@ -778,10 +820,10 @@ def _mean(values, digits: int | None = None):
     return (round(float(np.mean(v)), digits) if digits is not None else float(np.mean(v))) if v else None
 
 
-def summarise(runs: list[dict], fractions, names, regions) -> list[dict]:
+def summarise(runs: list[dict], fractions, names, regions, extra: Sequence[str] = ()) -> list[dict]:
     """Per (fraction, variant): means over all test cases of all folds (``n_cases``), with the std over
     cases and a 95% bootstrap CI of the mean of the per-case mean Dice over regions; per-region Dice and
-    HD95; and means over folds of training time, labelled cases and every other numeric metric the runs
+    HD95 (``regions`` and ``extra``); and means over folds of training time, labelled cases and every other numeric metric the runs
     all report (``metrics``)."""
     rows = []
     for f in fractions:
@@ -796,9 +838,9 @@ def summarise(runs: list[dict], fractions, names, regions) -> list[dict]:
                 "fraction": f, "variant": name, "n_folds": len(sel), "n_cases": len(dice),
                 "mean_dice": _mean(means, 4), "std_dice": round(float(np.std(means)), 4) if means else None,
                 "mean_dice_ci": bootstrap_ci(means)[1],
-                "dice": {g: _mean(_region_values(dice, g, regions).values(), 4) for g in regions},
+                "dice": {g: _mean(_region_values(dice, g, regions).values(), 4) for g in [*regions, *extra]},
                 "mean_hd95": _mean(_region_values(hd95, "mean", regions).values(), 2),
-                "hd95": {g: _mean(_region_values(hd95, g, regions).values(), 2) for g in regions},
+                "hd95": {g: _mean(_region_values(hd95, g, regions).values(), 2) for g in [*regions, *extra]},
                 "train_seconds": _mean([r["train_seconds"] for r in sel], 1),
                 "labelled_cases": _mean([r["labelled_cases"] for r in sel], 1),
                 "metrics": {k: _mean([r[k] for r in sel], 4) for k in sorted(common)
@@ -807,10 +849,11 @@ def summarise(runs: list[dict], fractions, names, regions) -> list[dict]:
     return rows
 
 
-def compare(runs: list[dict], fractions, names, regions, baseline: str = "baseline") -> list[dict]:
+def compare(runs: list[dict], fractions, names, regions, baseline: str = "baseline",
+            extra: Sequence[str] = ()) -> list[dict]:
     """Per fraction, each variant against ``baseline`` on the same test cases of the folds both ran: the
-    paired per-case Dice differences pooled over folds, per region and for the per-case mean over
-    regions (``region="mean"``), through :func:`medssl.apps.stats.paired_bootstrap` (mean difference,
+    paired per-case Dice differences pooled over folds, per region (``regions`` and ``extra``) and for the
+    per-case mean over ``regions`` (``region="mean"``), through :func:`medssl.apps.stats.paired_bootstrap` (mean difference,
     95% CI, cases better / worse, verdict)."""
     rows = []
     for f in fractions:
@@ -820,7 +863,7 @@ def compare(runs: list[dict], fractions, names, regions, baseline: str = "baseli
             if name == baseline or not sel:
                 continue
             mine, theirs = pooled(sel), pooled([base[r["fold"]] for r in sel])
-            for region in ["mean", *regions]:
+            for region in ["mean", *regions, *extra]:
                 d = paired_differences(_region_values(mine, region, regions), _region_values(theirs, region, regions))
                 rows.append({"fraction": f, "variant": name, "baseline": baseline, "region": region,
                              "n_folds": len(sel), **paired_bootstrap(d)})
@@ -853,13 +896,19 @@ def _fmt(v, spec: str = ".3f") -> str:
 def results_markdown(results: dict) -> str:
     """``results.md``: the summary table, the paired comparison table and, where the spec names a
     reference, the ratios to it."""
-    rows, regions = results["summary"], results["regions"]
+    rows, regions = results["summary"], [*results["regions"], *results.get("extra_regions", [])]
     lines = [f"# {results['bundle']} on {results['dataset']} (budget: {results['budget']}, "
              f"{results['folds']}-fold cross-validation, seed {results['seed']})", "",
              "Test-set Dice over all test cases of all folds (every case is tested once): mean ± std over cases "
              "and a 95% bootstrap CI of the mean; HD95 in voxels/pixels; labelled cases and train s: means over "
              "folds. `method` = the bundle's method, `baseline` = its baseline; other rows are the comparisons "
              "and ablations named in the bundle's docs.", ""]
+    if results.get("verdict_on"):
+        lines += [f"Verdicts are about: {results['verdict_on']}", ""]
+    if results.get("inference_region"):
+        entry = results["inference_region"]
+        lines += [f"Region `{entry['name']}`: {entry.get('notes', '')} (per fold and fraction: "
+                  + ", ".join(f"{k} {g}" for k, g in entry["served"].items()) + ").", ""]
     extra = sorted(set.intersection(*(set(r["metrics"]) for r in rows))) if rows else []
     hd_regions = list(regions) if len(regions) > 1 else []
     lines += ["| fraction | labelled cases | variant | cases | mean Dice | 95% CI | "
@@ -901,11 +950,12 @@ def results_markdown(results: dict) -> str:
     if results.get("ratio_to_reference"):
         ref = results["reference"]
         lines += ["", f"Dice as a fraction of `{ref['variant']}` at fraction {ref['fraction']:g} (same fold; "
-                  "mean ± std over folds):", "", "| fraction | variant | " + " | ".join(regions) + " |",
-                  "|" + "---|" * (2 + len(regions))]
+                  "mean ± std over folds):", "", "| fraction | variant | " + " | ".join(results["regions"]) + " |",
+                  "|" + "---|" * (2 + len(results["regions"]))]
         for r in results["ratio_to_reference"]:
             lines.append(f"| {r['fraction']:g} | {r['variant']} | "
-                         + " | ".join(f"{_fmt(r[g]['ratio'])} ± {_fmt(r[g]['std'])}" for g in regions) + " |")
+                         + " | ".join(f"{_fmt(r[g]['ratio'])} ± {_fmt(r[g]['std'])}" for g in results["regions"])
+                         + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -421,6 +421,9 @@ def keep_networks(checkpoint: str, ckpt_dir: str) -> str:
     logger.warning(f"PReL: the datalist has no unlabelled training case, so there is nothing to re-learn from; "
                    f"keeping the networks of {src} unchanged -> {ckpt_dir}")
     curve = [src.parent / "train_curve.json"] if (src.parent / "train_curve.json").is_file() else []
-    for f in [src, *sorted(src.parent.glob(f"{src.stem}_*.pt")), *curve]:
+    # the checkpoint and every other model file beside it (members, step snapshots): the benchmark may start
+    # PReL from a snapshot and evaluate the best-validation model, or the reverse
+    kept = {src, *src.parent.glob("model*.pt")}
+    for f in [*sorted(kept), *curve]:
         atomic_write(Path(ckpt_dir) / f.name, lambda tmp, f=f: shutil.copyfile(f, tmp))
     return str(Path(ckpt_dir) / src.name)
