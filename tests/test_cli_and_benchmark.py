@@ -298,6 +298,12 @@ def test_every_bundle_runs_through_the_harness(bundle, tmp_path, brats_copy, nuc
     assert {(c["variant"], c["baseline"]) for c in res["comparisons"] if c["baseline"] != "baseline"} == \
         {(p["variant"], p["against"]) for p in spec.pairs.values() if p["against"] != "baseline"}  # the spec's pairs
     assert (tmp_path / "bench" / "results.md").is_file()
+    for r in (r for r in res["runs"] if r["variant"] == "cam_fine"):  # cluster_resupervision's fair CAM baseline:
+        fold = tmp_path / "bench" / f"fold{r['fold']}"  # its threshold chosen on the fold's validation cases only
+        chosen = json.loads((fold / "f1" / "cam_fine" / "threshold.json").read_text())
+        validation = {c["case"] for c in json.loads((fold / "datalist_f1.json").read_text())["validation"]}
+        assert r["threshold"] == chosen["threshold"] and set(chosen["threshold_selection"]["cases"]) == validation
+        assert not validation & {c.split("/")[0] for c in r["cases"]}  # none of them a test case
 
 
 def test_paired_bootstrap_verdicts():

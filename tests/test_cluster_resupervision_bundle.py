@@ -98,6 +98,7 @@ def test_export_and_metadata(trained, tmp_path):
     (["--area_threshold", 0], "no negative (tumour-free) image-level label"),
     (["--num_clusters", 100000, "--resupervision_start_epoch", 0], "K=100000 exceeds the"),
     (["--method", "mil"], "method must be one of ['cluster_resupervision', 'cam', 'supervised']"),
+    (["--cam_stride", 3], "cam_stride must be one of [1, 2, 4, 8, 16]"),
 ])
 def test_bad_settings_fail_with_one_clear_error(overrides, message, tmp_path):
     r = monai_run("train", *TRAIN, *overrides, "--ckpt_dir", tmp_path / "x", check=False)

@@ -7,5 +7,6 @@ from .patch_mask import RandPatchMask, RandPatchMaskd
 from .views import RandTwoViewsd
 from .slices import SelectSlicesd
 from .brats import BratsRegionsToLabel, BratsRegionsToLabeld, case_output_name
+from .thresholds import ThresholdGrid, ThresholdGridd
 
-__all__ = ["RandTwoViewsd", "SelectSlicesd", "AsChannels", "AsChannelsd", "SelectModality", "SelectModalityd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name"]
+__all__ = ["RandTwoViewsd", "SelectSlicesd", "AsChannels", "AsChannelsd", "SelectModality", "SelectModalityd", "RandContextSwap", "RandContextSwapd", "RandModalityBlockMix", "RandModalityBlockMixd", "RandPatchMask", "RandPatchMaskd", "BratsRegionsToLabel", "BratsRegionsToLabeld", "case_output_name", "ThresholdGrid", "ThresholdGridd"]
