@@ -429,6 +429,37 @@ def _stage_help(argv: list) -> str | None:
             f"bundles/{bundle}/configs can be set too):\n" + "\n".join(rows))
 
 
+def unknown_options(argv: list, root=None) -> str | None:
+    """One line naming the first ``--option`` that the command ``argv`` names (``medssl benchmark ...``,
+    ``medssl zoo package ...``) does not take, with the nearest it does; None when every option is known, or the
+    command takes any (``run``'s config ids) or is not found (fire reports that). Fire itself would run the
+    command and only then fail on the left-over option (an hour of benchmark, then exit 2)."""
+    import difflib
+    import inspect
+
+    target, words = root if root is not None else CLI(), list(argv)
+    while words and not words[0].startswith("-") and hasattr(target, words[0]) and not words[0].startswith("_"):
+        target, words = getattr(target, words[0]), words[1:]
+        if inspect.ismethod(target) or inspect.isfunction(target):
+            break
+    if not callable(target) or inspect.isclass(target):
+        return None
+    params = inspect.signature(target).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    known = {n.replace("_", "-") for n in params} | set(params)
+    for w in words[: words.index("--")] if "--" in words else words:
+        if not w.startswith("--") or w in ("--help", "--helpfull"):
+            continue
+        name = w[2:].split("=", 1)[0]
+        if name in known or (name.startswith("no") and name[2:] in known):
+            continue
+        near = difflib.get_close_matches(name, sorted(params), n=1)
+        return (f"unknown option --{name} for {target.__name__}; expected one of "
+                + ", ".join(f"--{n}" for n in params) + (f" (did you mean --{near[0]}?)" if near else ""))
+    return None
+
+
 def main():
     import logging
 
@@ -437,6 +468,10 @@ def main():
     except ValueError as e:
         print(f"medssl run: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    unknown = unknown_options(sys.argv[1:])
+    if unknown:
+        print(f"medssl: {unknown}", file=sys.stderr)
+        raise SystemExit(2)
     if text is not None:
         print(text)
         return

@@ -84,3 +84,14 @@ def test_monai_bundle_run_refuses_a_bad_setting_in_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == ("monai.bundle run: setting 'seed' of bundle context_restoration: got 'x', "
                                                  "expected an integer (default 0)")
     assert not list(tmp_path.iterdir())  # refused before anything was built or written
+
+
+def test_an_unknown_option_of_a_command_is_refused_before_it_runs(medssl, tmp_path):
+    """Fire would run the whole benchmark and only then fail on the left-over ``--progress False``."""
+    out = tmp_path / "never"
+    r = medssl("benchmark", "slem", "--data_dir", str(tmp_path), "--out", str(out), "--progress", "False")
+    assert r.returncode == 2 and not out.exists()
+    line, = r.stderr.strip().splitlines()
+    assert "unknown option --progress for benchmark" in line and "--workers" in line
+    r = medssl("zoo", "package", "slem", "--weigths", str(tmp_path))
+    assert r.returncode == 2 and "did you mean --weights?" in r.stderr
