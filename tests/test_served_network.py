@@ -71,5 +71,9 @@ def test_prel_continues_the_scored_snapshot_and_reports_the_served_network(tmp_p
             assert all(v["inference"] == v[student] for v in r["cases"].values())
     regions = {(c["variant"], c["region"]) for c in res["comparisons"]}
     assert {("method", "inference"), ("cml", "inference")} <= regions
+    prel = [r for r in res["runs"] if r["variant"] == "method"]
+    assert all(r["pseudo_loss_curve"] for r in prel)  # the PReL term is kept per run and drawn
+    assert not any("pseudo_loss_curve" in r for r in res["runs"] if r["variant"] == "baseline")
+    assert (out / "loss_terms.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "results.md").read_text()
     assert "Verdicts are about:" in md and "inference Dice" in md

@@ -79,6 +79,8 @@ class BenchmarkSpec:
     # trains several (:mod:`medssl.apps.inference_region`)
     inference_region: dict = field(default_factory=dict)
     verdict_on: str = ""  # one line: which network or map the verdicts are about (results.md, above the tables)
+    # training-loss terms (iteration output keys, e.g. "pseudo_loss") whose curves each run keeps, drawn in loss_terms.png
+    curves: Sequence[str] = ()
 
     def for_layout(self, layout: str) -> tuple[list[str], dict, dict, int]:
         """(regions, stage overrides, split keyword arguments, folds) for a data set of ``layout``."""
@@ -122,7 +124,7 @@ def load_spec(bundle: str) -> BenchmarkSpec:
                          reference=tuple(raw["reference"]) if raw.get("reference") else None,
                          folds=int(raw.get("folds", 5)), notes=raw.get("notes", ""), sweeps=raw.get("sweeps", {}),
                          pairs=raw.get("pairs", {}), inference_region=raw.get("inference_region", {}),
-                         verdict_on=raw.get("verdict_on", ""))
+                         verdict_on=raw.get("verdict_on", ""), curves=tuple(raw.get("curves", ())))
     problems = spec.problems()
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
@@ -364,7 +366,8 @@ def train_run(run: Run, ctx: Context, start_step: int | None = None) -> dict:
     if variant.stage is not None:  # None: evaluation only, of the continued variant's model
         run_stage(ctx.bundle, variant.stage, ctx.logging_file, ckpt_dir=str(run.dir), datalist_file=str(run.datalist),
                   label_fraction=run.fraction, **ctx.common, **start, **run.overrides)
-    record = {"train_seconds": round(before + time.perf_counter() - t0, 1), **training_curve(_model_dir(run, variant)),
+    record = {"train_seconds": round(before + time.perf_counter() - t0, 1),
+              **training_curve(_model_dir(run, variant), ctx.spec.curves),
               **({"continued_from": Path(start[variant.continues[1]]).name}
                  if variant.continues and variant.stage is not None else {})}
     atomic_write_json(record, done)
@@ -404,11 +407,12 @@ def _block_means(points) -> list:
     return out
 
 
-def training_curve(ckpt_dir: Path) -> dict:
+def training_curve(ckpt_dir: Path, terms: Sequence[str] = ()) -> dict:
     """From a training's ``train_curve.json`` (:class:`medssl.engines.CurveLog`): its validation curve
     (``val_curve``: [[step, val_mean_dice], ...]), its loss in about 100 points (``loss_curve``), the step of the best
     validation (``best_step``, the model kept) and the last step trained (``steps``: less than the budget
-    where early stopping ended it). Empty where the bundle writes no curve."""
+    where early stopping ended it) and, for each of ``terms`` the run logged, ``<term>_curve`` (about 100 points).
+    Empty where the bundle writes no curve."""
     path = Path(ckpt_dir) / "train_curve.json"
     if not path.is_file():
         return {}
@@ -417,7 +421,9 @@ def training_curve(ckpt_dir: Path) -> dict:
     scored = [p for p in val if p[1] is not None]
     return {"steps": curve["loss"][-1][0] if curve["loss"] else 0, "val_curve": val,
             "best_step": max(scored, key=lambda p: p[1])[0] if scored else None,
-            "loss_curve": _block_means(curve["loss"])}
+            "loss_curve": _block_means(curve["loss"]),
+            **{f"{t}_curve": _block_means(curve["metrics"][f"train_{t}"]) for t in terms
+               if f"train_{t}" in curve["metrics"]}}
 
 
 def pretext_curve(pre_dir: Path) -> dict:
@@ -668,6 +674,8 @@ def write_reports(results: dict, out_dir: Path) -> None:
         plot_validation_curves(results, out_dir / "validation_curves.png")
     if results.get("pretrain_curves"):
         plot_pretext_curves(results, out_dir / "pretext_curves.png")
+    if any(k.endswith("_curve") and k not in ("val_curve", "loss_curve") and r[k] for r in results["runs"] for k in r):
+        plot_term_curves(results, out_dir / "loss_terms.png")
 
 
 def run_sweep(bundle: str, data_dir: str, name: str = "pretraining_length", budget: str = "converged",
@@ -1024,6 +1032,31 @@ def plot_validation_curves(results: dict, path: Path) -> None:
     axes[0][0].set_ylabel("validation mean Dice")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{results['bundle']}: validation curves, one line per fold ({results['budget']} budget)", fontsize=9)
+    _save(fig, path)
+
+
+def plot_term_curves(results: dict, path: Path) -> None:
+    """The training-loss terms the spec's ``curves`` names (e.g. PReL's pseudo-label loss), against training steps:
+    one panel per (term, label fraction), one colour per variant that logged it, one line per fold."""
+    plt = _pyplot()
+    terms = sorted({k[:-len("_curve")] for r in results["runs"] for k in r
+                    if k.endswith("_curve") and k not in ("val_curve", "loss_curve") and r[k]})
+    cells = [(t, f) for t in terms for f in results["fractions"]
+             if any(r.get(f"{t}_curve") and r["fraction"] == f for r in results["runs"])]
+    fig, axes = plt.subplots(1, len(cells), figsize=(max(4.2 * len(cells), 6.4), 3.4), dpi=110, squeeze=False)
+    colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in results["runs"]))}
+    for ax, (t, f) in zip(axes[0], cells):
+        labelled = set()
+        for r in (r for r in results["runs"] if r["fraction"] == f and r.get(f"{t}_curve")):
+            x, y = zip(*r[f"{t}_curve"])
+            ax.plot(x, y, color=colours[r["variant"]], alpha=0.7, lw=1,
+                    label=None if r["variant"] in labelled else r["variant"])
+            labelled.add(r["variant"])
+        ax.set_title(f"{t}, {f:.0%} of the labels", fontsize=9)
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{results['bundle']}: training-loss terms, one line per fold ({results['budget']} budget)", fontsize=9)
     _save(fig, path)
 
 
