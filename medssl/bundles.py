@@ -97,10 +97,59 @@ class SettingError(ValueError):
     """A stage setting given a value of the wrong kind."""
 
 
-def check_overrides(bundle: str, stage: str, overrides: dict) -> None:
-    """Refuse, naming the setting, an override whose value cannot be what its default is: a number for a
-    numeric default, true/false for a boolean, a list for a list (an expression ``$...`` passes as is)."""
-    _check_kinds(stage_settings(bundle, stage), overrides, f"{bundle} {stage}")
+def check_overrides(bundle: str, stage: str, overrides: dict) -> dict:
+    """Refuse, naming the setting, an id the stage's configs do not have (with the nearest one they do) and an
+    override whose value cannot be what its default is: a number for a numeric default, true/false for a
+    boolean, a list for a list (an expression ``$...`` passes as is). Returns the overrides with the booleans
+    users type (``false``/``true``/``0``/``1``, any case) made booleans where the default is one."""
+    files = stage_config_files(bundle_path(bundle), stage)
+    _check_known(files, overrides, f"{bundle} {stage}")
+    defaults = stage_settings(bundle, stage)
+    overrides = {k: _as_bool(v) if isinstance(defaults.get(k), bool) else v for k, v in overrides.items()}
+    _check_kinds(defaults, overrides, f"{bundle} {stage}")
+    return overrides
+
+
+_BOOLS = {"true": True, "false": False, "1": True, "0": False}
+
+
+def _as_bool(value):
+    """``value`` as a boolean where it spells one (``"false"``, ``"True"``, ``0``, ``"1"``), else unchanged."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, str)) and str(value).strip().lower() in _BOOLS:
+        return _BOOLS[str(value).strip().lower()]
+    return value
+
+
+def _check_known(files, overrides: dict, where: str) -> None:
+    """A ``SettingError`` for the first override id (``a#b#c`` or a top-level id) that the layered ``files`` do
+    not define, naming the nearest id they do (a mistyped ``--learning_rat`` must not train at the default)."""
+    import difflib
+
+    merged: dict = {}
+    for f in files:
+        merged.update(json.loads(Path(f).read_text()))
+    ids = set()
+
+    def walk(obj, key):
+        if key:
+            ids.add(key)
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{key}#{k}" if key else str(k))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                walk(v, f"{key}#{i}")
+
+    walk(merged, "")
+    for key in overrides:
+        if key in ids or key in _MONAI_ARGS or key in _PLACE:
+            continue
+        near = difflib.get_close_matches(key, sorted(i for i in ids if "#" not in i), n=1)
+        raise SettingError(f"setting {key!r} of {where}: no such id in its configs"
+                           + (f" (did you mean {near[0]!r}?)" if near else "")
+                           + "; `medssl run BUNDLE STAGE --help` lists the settings")
 
 
 # the kind of a default -> what a setting of it must be, and the test of a value (bool before int: a bool is an int)

@@ -299,7 +299,7 @@ class CLI:
         from .bundles import check_overrides, recorded_settings, run_stage
 
         try:
-            check_overrides(bundle, stage, overrides)
+            overrides = check_overrides(bundle, stage, overrides)
             if stage in ("evaluate", "inference") and overrides.get("ckpt_dir"):
                 recorded = {k: v for k, v in recorded_settings(bundle, stage, overrides["ckpt_dir"]).items()
                             if k not in overrides}

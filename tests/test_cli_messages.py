@@ -43,7 +43,7 @@ def test_a_bad_setting_is_one_line_naming_it_with_exit_2(medssl, setting, value,
 
 def test_overrides_of_the_right_kind_pass_and_every_stage_has_settings():
     check_overrides("context_restoration", "train", {"label_fraction": 0.1, "seed": 3, "max_epochs": 2,
-                                                     "device": "$torch.device('cpu')", "not_a_default": "x"})
+                                                     "device": "$torch.device('cpu')", "train#dataloader#num_workers": 1})
     with pytest.raises(SettingError, match="'resume'.*true or false"):
         check_overrides("context_restoration", "train", {"resume": 3})
     assert {"seed", "label_fraction"} <= set(stage_settings("slem", "pretrain"))
@@ -95,3 +95,17 @@ def test_an_unknown_option_of_a_command_is_refused_before_it_runs(medssl, tmp_pa
     assert "unknown option --progress for benchmark" in line and "--workers" in line
     r = medssl("zoo", "package", "slem", "--weigths", str(tmp_path))
     assert r.returncode == 2 and "did you mean --weights?" in r.stderr
+
+
+@pytest.mark.parametrize("typed, expected", [("false", False), ("False", False), ("TRUE", True), ("0", False), (1, True)])
+def test_the_booleans_users_type_are_booleans(typed, expected):
+    assert check_overrides("context_restoration", "train", {"resume": typed})["resume"] is expected
+
+
+def test_an_unknown_setting_id_is_refused_naming_the_nearest(medssl):
+    with pytest.raises(SettingError, match=r"'learning_rat'.*no such id.*did you mean 'learning_rate'"):
+        check_overrides("context_restoration", "train", {"learning_rat": 0.1})
+    with pytest.raises(SettingError, match=r"'train#dataloader#num_workerz'.*no such id"):
+        check_overrides("context_restoration", "train", {"train#dataloader#num_workerz": 1})
+    r = medssl("run", "context_restoration", "train", "--learning_rat", "0.1")
+    assert r.returncode == 2 and "did you mean 'learning_rate'" in r.stderr and "Traceback" not in r.stderr
