@@ -296,8 +296,16 @@ class CLI:
             stage: pretrain, train, prel, evaluate, inference or multi_gpu_train (those the bundle has).
             overrides: --id value for any config id, e.g. --label_fraction 0.1 --seed 1.
         """
-        from .bundles import check_overrides, recorded_settings, run_stage
+        from .bundles import bundle_path, bundle_stages, check_overrides, recorded_settings, run_stage
 
+        try:
+            stages = bundle_stages(bundle_path(bundle))
+        except ValueError as e:  # no such bundle: one line naming the bundles there are
+            print(f"medssl run: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        if stage not in stages:
+            print(f"medssl run: bundle {bundle!r} has no stage {stage!r}; expected one of {stages}", file=sys.stderr)
+            raise SystemExit(2)
         try:
             overrides = check_overrides(bundle, stage, overrides)
             if stage in ("evaluate", "inference") and overrides.get("ckpt_dir"):

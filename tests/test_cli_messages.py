@@ -109,3 +109,19 @@ def test_an_unknown_setting_id_is_refused_naming_the_nearest(medssl):
         check_overrides("context_restoration", "train", {"train#dataloader#num_workerz": 1})
     r = medssl("run", "context_restoration", "train", "--learning_rat", "0.1")
     assert r.returncode == 2 and "did you mean 'learning_rate'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_mistyped_bundle_or_stage_is_one_line_naming_what_there_is(medssl):
+    r = medssl("run", "context_restoraton", "train")
+    line, = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "no bundle named 'context_restoraton'" in line and "context_restoration" in line
+    r = medssl("run", "context_restoration", "finetune")
+    line, = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "has no stage 'finetune'" in line and "'prel'" not in line and "'pretrain'" in line
+
+
+def test_evaluating_a_folder_without_a_model_says_to_train_first(medssl, tmp_path):
+    r = medssl("run", "context_restoration", "evaluate", "--ckpt_dir", str(tmp_path / "empty"))
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "model.pt: missing; expected a trained model (run the train stage" in line
+    assert "pretrain" not in line

@@ -397,8 +397,9 @@ class LoadCheckpoint:
 
     def __call__(self, engine=None) -> None:
         from ..networks import load_pretrained
+        from ..networks.weights import TRAINED
 
-        load_pretrained(_unwrap(self.network), self.load_path, allow_head_mismatch=False)
+        load_pretrained(_unwrap(self.network), self.load_path, allow_head_mismatch=False, expected=TRAINED)
 
 
 class EvaluationReport:

@@ -35,17 +35,24 @@ def _head_keys(network: nn.Module) -> set[str]:
     return {f"{prefix}{k}" for k, _ in network.get_submodule(last).named_parameters(recurse=False)}
 
 
-def load_pretrained(network: nn.Module, checkpoint: str | os.PathLike, allow_head_mismatch: bool = True) -> nn.Module:
+PRETRAINED = "a pretrained checkpoint (run the pretrain stage first, or set init to 'baseline')"
+TRAINED = ("a trained model (run the train stage into this --ckpt_dir first, or give --ckpt_dir of a finished "
+           "training run)")
+
+
+def load_pretrained(network: nn.Module, checkpoint: str | os.PathLike, allow_head_mismatch: bool = True,
+                    expected: str = PRETRAINED) -> nn.Module:
     """Load ``checkpoint`` into ``network``; only the output head may differ in shape (it is then kept fresh).
 
     Raises :class:`CheckpointMismatchError` naming the file when the checkpoint is missing, or its
     parameter names or shapes do not match the network beyond the head (a checkpoint of another
-    network, another input channel count or other spatial dims).
+    network, another input channel count or other spatial dims). ``expected``: what the missing-file message
+    says the file should be and how to get it (:data:`PRETRAINED`, or :data:`TRAINED` for evaluation and
+    inference).
     """
     path = Path(checkpoint)
     if not path.is_file():
-        raise CheckpointMismatchError(f"{path}: missing; expected a pretrained checkpoint (run the pretrain stage "
-                                      f"first, or set init to 'baseline')")
+        raise CheckpointMismatchError(f"{path}: missing; expected {expected}")
     try:
         state = _state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
     except CheckpointMismatchError:
