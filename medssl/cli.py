@@ -437,6 +437,9 @@ def _stage_help(argv: list) -> str | None:
             f"bundles/{bundle}/configs can be set too):\n" + "\n".join(rows))
 
 
+RESUMABLE = ("benchmark", "sweep", "run")  # commands whose interrupted work the same command resumes
+
+
 def unknown_options(argv: list, root=None) -> str | None:
     """One line naming the first ``--option`` that the command ``argv`` names (``medssl benchmark ...``,
     ``medssl zoo package ...``) does not take, with the nearest it does; None when every option is known, or the
@@ -486,6 +489,12 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         fire.Fire(CLI(), name="medssl")
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of whatever was running
+        command = " ".join(sys.argv[1:3]) or "medssl"
+        again = (" run the same command again to resume it (finished runs and epochs are kept)"
+                 if sys.argv[1:2] and sys.argv[1] in RESUMABLE else "")
+        print(f"medssl {command}: interrupted;{again or ' nothing is left half-written'}", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as e:  # medssl's bad-input errors from any command: one line, exit 2
         cause = _input_error(e)
         if cause is None:

@@ -125,3 +125,15 @@ def test_evaluating_a_folder_without_a_model_says_to_train_first(medssl, tmp_pat
     line = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 2 and "model.pt: missing; expected a trained model (run the train stage" in line
     assert "pretrain" not in line
+
+
+def test_ctrl_c_is_one_line_saying_the_same_command_resumes(medssl, monkeypatch):
+    from medssl import cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.CLI, "benchmark", lambda self, bundle, data_dir="": interrupted())
+    r = medssl("benchmark", "slem", "--data_dir", "x")
+    line, = r.stderr.strip().splitlines()
+    assert r.returncode == 130 and "interrupted; run the same command again to resume it" in line
