@@ -137,3 +137,11 @@ def test_ctrl_c_is_one_line_saying_the_same_command_resumes(medssl, monkeypatch)
     r = medssl("benchmark", "slem", "--data_dir", "x")
     line, = r.stderr.strip().splitlines()
     assert r.returncode == 130 and "interrupted; run the same command again to resume it" in line
+
+
+def test_monai_label_runs_in_medssls_own_interpreter(monkeypatch, tmp_path):
+    """`medssl label serve` from a venv that is not activated: the server command must not depend on PATH."""
+    from medssl.label import monailabel_command
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no python, no monailabel script on it
+    assert monailabel_command() == [sys.executable, "-m", "monailabel.main"]

@@ -374,12 +374,13 @@ def default_work_dir(src: Path) -> Path:
 
 
 def monailabel_command() -> list[str]:
-    """The ``monailabel`` command of this Python environment (its console script, else ``python -m
-    monailabel.main``)."""
+    """MONAI Label's command run by the interpreter medssl runs in (``python -m monailabel.main``): its
+    ``monailabel`` console script is a shell wrapper that calls whichever ``python`` is first on PATH, so a
+    server started from a venv that is not activated (a service, a cron job) would die with "No module named
+    'monailabel'"."""
     import sys
 
-    exe = Path(sys.executable).with_name("monailabel")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "monailabel.main"]
+    return [sys.executable, "-m", "monailabel.main"]
 
 
 def serve_command(studies: str | Path, bundles="", port: int = 8000, weights="", out: str | Path = "") -> list[str]:
