@@ -144,9 +144,9 @@ class Label:
         print(" ".join(cmd), file=sys.stderr)
         if dryrun:
             return " ".join(cmd)
-        import subprocess
+        from .label.server import run_server
 
-        raise SystemExit(subprocess.call(cmd))
+        raise SystemExit(run_server(cmd, f"http://127.0.0.1:{port}"))
 
     def install(self, app_dir: str, bundles: str = "", weights: str = "", kind: str = "brats"):
         """Copy the bundles (configs, docs, LICENSE, weights where given) into APP_DIR/model/<name>, for a stock

@@ -137,9 +137,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _start_server(cmd, log_path: Path, request) -> tuple[str, dict]:
+def _start_server(cmd, log_path: Path, request, procs: list | None = None) -> tuple[str, dict]:
     """Run ``cmd`` (a MONAI Label server on 127.0.0.1, ``{port}`` in it replaced by a free port) until GET /info/
-    answers; it is stopped when the test (or module) ends. Returns (url, info)."""
+    answers; it is stopped when the test (or module) ends. Returns (url, info); ``procs`` gets the process."""
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(log_path, "w")
@@ -157,6 +157,8 @@ def _start_server(cmd, log_path: Path, request) -> tuple[str, dict]:
         log.close()
 
     request.addfinalizer(stop)
+    if procs is not None:
+        procs.append(proc)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 240
     while True:
@@ -175,10 +177,11 @@ def _start_server(cmd, log_path: Path, request) -> tuple[str, dict]:
 def server(work, request):
     out = work["root"] / "served"
     weights = ",".join(f"{n}={p}" for n, p in work["weights"].items())
+    procs = []
     url, info = _start_server([sys.executable, "-m", "medssl.cli", "label", "serve", "--studies", str(work["data"]),
                                "--out", str(out), "--port", "{port}", "--weights", weights],
-                              work["root"] / "server.log", request)
-    return {"url": url, "studies": out / "studies", "info": info}
+                              work["root"] / "server.log", request, procs)
+    return {"url": url, "studies": out / "studies", "info": info, "proc": procs[0], "log": work["root"] / "server.log"}
 
 
 def test_info_lists_the_five_models(server):
@@ -218,6 +221,13 @@ def test_bad_input_is_a_4xx_and_leaves_the_datastore_alone(server, tmp_path):
     assert r.status_code == 404 and "no_such_case" in r.json()["detail"]
     r = requests.post(f"{url}/infer/no_such_model", params={"image": _cases(1)[0]}, timeout=60)
     assert r.status_code == 404 and "no_such_model" in r.json()["detail"]
+    outside = tmp_path / "outside.nii.gz"  # a readable study outside the datastore: never read by path
+    shutil.copyfile(studies / f"{_cases(1)[0]}.nii.gz", outside)
+    for path in ("/etc/passwd", str(outside)):
+        r = requests.post(f"{url}/infer/slem", params={"image": path}, timeout=60)
+        assert r.status_code == 404 and "expected the id of one of its images" in r.json()["detail"], path
+    r = requests.post(f"{url}/activelearning/no_such_strategy", json={}, timeout=60)
+    assert r.status_code == 404 and "no_such_strategy" in r.json()["detail"]
     png = tmp_path / "slice.png"
     Image.fromarray(np.zeros((64, 48), np.uint8)).save(png)
     with open(png, "rb") as f:
@@ -373,3 +383,25 @@ def test_install_into_monai_labels_stock_monaibundle_app_serves_the_bundles(work
         label = nib.load(str(tmp_path / f"{name}.nii.gz"))
         assert label.shape == study.shape[:3], name
         np.testing.assert_allclose(label.affine, study.affine, atol=1e-4, err_msg=name)
+
+
+def test_zz_sigterm_to_medssl_stops_the_server_and_frees_its_port(server):
+    """Last in this module (it stops the module's server): SIGTERM to the `medssl label serve` process alone (a
+    service manager's stop), not its process group, ends the MONAI Label child too and frees the port; the
+    server said when it was ready, with its URL."""
+    import socket
+
+    proc, port = server["proc"], int(server["url"].rsplit(":", 1)[1])
+    deadline = time.time() + 60  # the line comes from medssl's own poll of /info/ (every second)
+    while f"ready at {server['url']}" not in server["log"].read_text():
+        assert time.time() < deadline, server["log"].read_text()[-2000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    deadline = time.time() + 30
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        assert time.time() < deadline, "the MONAI Label child still holds the port"
+        time.sleep(0.5)

@@ -120,6 +120,15 @@ def _optional(module: str, name: str):
         return None
 
 
+def _is_upload(path: str) -> bool:
+    """Whether ``path`` is where MONAI Label's /infer/ endpoint put an uploaded file (``tempfile.NamedTemporaryFile``
+    in the temp folder, named ``tmp...``)."""
+    import tempfile
+
+    p = Path(path)
+    return p.is_absolute() and p.parent == Path(tempfile.gettempdir()) and p.name.startswith("tmp") and p.is_file()
+
+
 class MedsslApp(MONAILabelApp):
     """The medssl bundles as MONAI Label models. ``conf``: ``models_dir`` (the bundle folders
     :func:`medssl.label.materialise_bundles` wrote, with ``served.json``; default ``<app>/model``),
@@ -214,9 +223,21 @@ class MedsslApp(MONAILabelApp):
             why = self.not_served.get(model)
             raise HTTPException(status_code=404, detail=f"model {model!r} is not served" + (f": {why}" if why else "")
                                 + f"; expected one of {sorted(self._infers)}")
-        if isinstance(image, str) and not os.path.exists(image):
+        if isinstance(image, str):  # an uploaded file arrives as a server-side temp path set by MONAI Label
+            if not image.strip():
+                raise HTTPException(status_code=400, detail="no image given; expected image=<the id of one of the "
+                                                            f"datastore's images ({self.studies})>")
             store = datastore or self.datastore()
-            if not image or not store.get_image_uri(image):
+            # a datastore id, or the temp file MONAI Label wrote for an uploaded image; any other path (existing or
+            # not, e.g. /etc/passwd) is refused before anything is read
+            if not _is_upload(image) and not store.get_image_uri(image):
                 raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore ({self.studies}); "
                                                             f"expected the id of one of its images")
         return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise HTTPException(status_code=404, detail=f"no active-learning strategy {strategy!r}; expected one of "
+                                                        f"{sorted(self._strategies)}")
+        return super().next_sample(request)
