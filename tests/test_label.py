@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -228,6 +229,11 @@ def test_bad_input_is_a_4xx_and_leaves_the_datastore_alone(server, tmp_path):
         assert r.status_code == 404 and "expected the id of one of its images" in r.json()["detail"], path
     r = requests.post(f"{url}/activelearning/no_such_strategy", json={}, timeout=60)
     assert r.status_code == 404 and "no_such_strategy" in r.json()["detail"]
+    for _ in range(2):  # the same answer every time
+        with open(studies / f"{_cases(1)[0]}.nii.gz", "rb") as f:
+            r = requests.put(f"{url}/datastore/label", params={"image": "no_such_case", "tag": "final"},
+                             files={"label": ("label.nii.gz", f)}, timeout=60)
+        assert r.status_code == 404 and "no_such_case" in r.json()["detail"], r.text
     png = tmp_path / "slice.png"
     Image.fromarray(np.zeros((64, 48), np.uint8)).save(png)
     with open(png, "rb") as f:
@@ -344,11 +350,20 @@ def test_dfr_barlow_serves_nuclei_pngs_in_process(tmp_path):
     result = app.infer({"model": "dfr_barlow", "image": rect.stem, "device": "cpu"})
     label = np.asarray(Image.open(result["file"]))
     assert label.shape == np.asarray(Image.open(rect)).shape[:2] and set(np.unique(label)) <= {0, 1}
-    volume = tmp_path / "volume.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(volume))
-    with pytest.raises(HTTPException) as e:
-        app.infer({"model": "dfr_barlow", "image": str(volume), "device": "cpu"})
-    assert e.value.status_code == 422 and "expects a 2-D image (PNG)" in e.value.detail
+    # an uploaded NIfTI: where MONAI Label's /infer/ endpoint writes an upload (a temp file), not a datastore id
+    volume = Path(tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name)
+    try:
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), str(volume))
+        with pytest.raises(HTTPException) as e:
+            app.infer({"model": "dfr_barlow", "image": str(volume), "device": "cpu"})
+        assert e.value.status_code == 422 and "expects a 2-D image (PNG)" in e.value.detail
+        outside = tmp_path / "volume.nii.gz"  # the same file elsewhere, by path: not in the datastore, never read
+        shutil.copyfile(volume, outside)
+        with pytest.raises(HTTPException) as e:
+            app.infer({"model": "dfr_barlow", "image": str(outside), "device": "cpu"})
+        assert e.value.status_code == 404
+    finally:
+        volume.unlink()
 
 
 STOCK_APP = Path(sys.prefix) / "monailabel" / "sample-apps" / "monaibundle"

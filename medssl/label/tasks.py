@@ -235,6 +235,22 @@ class MedsslApp(MONAILabelApp):
                                                             f"expected the id of one of its images")
         return super().infer(request, datastore)
 
+    def init_datastore(self):
+        """MONAI Label's datastore, whose ``save_label`` answers 404 for an image id it does not hold (PUT
+        /datastore/label?image=<unknown>: MONAI Label's own ImageNotFoundException came back as a 500 or a
+        422), before anything is written."""
+        store = super().init_datastore()
+        save = store.save_label
+
+        def save_label(image_id, label_filename, label_tag, label_info):
+            if not store.get_image_uri(image_id):
+                raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore "
+                                                            f"({self.studies}); expected the id of one of its images")
+            return save(image_id, label_filename, label_tag, label_info)
+
+        store.save_label = save_label
+        return store
+
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
         if strategy not in self._strategies:
