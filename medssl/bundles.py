@@ -81,11 +81,20 @@ def stage_settings_of(root: str | os.PathLike, stage: str) -> dict:
     return _plain_settings(stage_config_files(Path(root), stage))
 
 
-def _plain_settings(files) -> dict:
-    merged = {}
+def _layered(files) -> dict:
+    """The stage's config files merged top-level id by id, the later (overlay) file winning, as read for its
+    settings (not resolved)."""
+    merged: dict = {}
     for f in files:
         merged.update(json.loads(Path(f).read_text()))
+    return merged
 
+
+def _plain_settings(files) -> dict:
+    return _plain(_layered(files))
+
+
+def _plain(merged: dict) -> dict:
     def plain(v):
         return v is None or isinstance(v, (bool, int, float, str)) or (
             isinstance(v, list) and all(x is None or isinstance(x, (bool, int, float, str)) for x in v))
@@ -102,9 +111,9 @@ def check_overrides(bundle: str, stage: str, overrides: dict) -> dict:
     override whose value cannot be what its default is: a number for a numeric default, true/false for a
     boolean, a list for a list (an expression ``$...`` passes as is). Returns the overrides with the booleans
     users type (``false``/``true``/``0``/``1``, any case) made booleans where the default is one."""
-    files = stage_config_files(bundle_path(bundle), stage)
-    _check_known(files, overrides, f"{bundle} {stage}")
-    defaults = stage_settings(bundle, stage)
+    merged = _layered(stage_config_files(bundle_path(bundle), stage))
+    _check_known(merged, overrides, f"{bundle} {stage}")
+    defaults = _plain(merged)
     overrides = {k: _as_bool(v) if isinstance(defaults.get(k), bool) else v for k, v in overrides.items()}
     _check_kinds(defaults, overrides, f"{bundle} {stage}")
     return overrides
@@ -122,14 +131,12 @@ def _as_bool(value):
     return value
 
 
-def _check_known(files, overrides: dict, where: str) -> None:
-    """A ``SettingError`` for the first override id (``a#b#c`` or a top-level id) that the layered ``files`` do
-    not define, naming the nearest id they do (a mistyped ``--learning_rat`` must not train at the default)."""
+def _check_known(merged: dict, overrides: dict, where: str) -> None:
+    """A ``SettingError`` for the first override id (``a#b#c`` or a top-level id) that the layered configs
+    ``merged`` (:func:`_layered`) do not define, naming the nearest id they do (a mistyped ``--learning_rat`` must
+    not train at the default)."""
     import difflib
 
-    merged: dict = {}
-    for f in files:
-        merged.update(json.loads(Path(f).read_text()))
     ids = set()
 
     def walk(obj, key):
@@ -368,8 +375,8 @@ def recorded_settings(bundle: str, stage: str, ckpt_dir, changed_only: bool = Tr
     record = read_run_record(ckpt_dir)
     if record.get("bundle") not in (None, bundle):
         raise ValueError(f"{path}: a run of bundle {record.get('bundle')!r}; expected one of {bundle!r}")
-    files = stage_config_files(bundle_path(bundle), stage)
-    own, ids = _plain_settings(files), set().union(*(json.loads(Path(f).read_text()) for f in files))
+    merged = _layered(stage_config_files(bundle_path(bundle), stage))
+    own, ids = _plain(merged), set(merged)
     # a top-level setting with another value, or a nested one (``network_def#channels``) the stage also builds
     def value(v):  # not an expression or reference, which the stage's own config resolves
         return not any(isinstance(x, str) and x.startswith(("$", "@", "%")) for x in (v if isinstance(v, list) else [v]))

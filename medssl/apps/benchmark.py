@@ -674,7 +674,7 @@ def write_reports(results: dict, out_dir: Path) -> None:
         plot_validation_curves(results, out_dir / "validation_curves.png")
     if results.get("pretrain_curves"):
         plot_pretext_curves(results, out_dir / "pretext_curves.png")
-    if any(k.endswith("_curve") and k not in ("val_curve", "loss_curve") and r[k] for r in results["runs"] for k in r):
+    if _term_names(results):
         plot_term_curves(results, out_dir / "loss_terms.png")
 
 
@@ -1035,13 +1035,17 @@ def plot_validation_curves(results: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def _term_names(results: dict) -> list[str]:
+    """The training-loss terms whose curves (``<term>_curve``, :func:`training_curve`) some run kept."""
+    return sorted({k[:-len("_curve")] for r in results["runs"] for k in r
+                   if k.endswith("_curve") and k not in ("val_curve", "loss_curve") and r[k]})
+
+
 def plot_term_curves(results: dict, path: Path) -> None:
     """The training-loss terms the spec's ``curves`` names (e.g. PReL's pseudo-label loss), against training steps:
     one panel per (term, label fraction), one colour per variant that logged it, one line per fold."""
     plt = _pyplot()
-    terms = sorted({k[:-len("_curve")] for r in results["runs"] for k in r
-                    if k.endswith("_curve") and k not in ("val_curve", "loss_curve") and r[k]})
-    cells = [(t, f) for t in terms for f in results["fractions"]
+    cells = [(t, f) for t in _term_names(results) for f in results["fractions"]
              if any(r.get(f"{t}_curve") and r["fraction"] == f for r in results["runs"])]
     fig, axes = plt.subplots(1, len(cells), figsize=(max(4.2 * len(cells), 6.4), 3.4), dpi=110, squeeze=False)
     colours = {name: f"C{i}" for i, name in enumerate(dict.fromkeys(r["variant"] for r in results["runs"]))}

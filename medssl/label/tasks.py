@@ -231,8 +231,7 @@ class MedsslApp(MONAILabelApp):
             # a datastore id, or the temp file MONAI Label wrote for an uploaded image; any other path (existing or
             # not, e.g. /etc/passwd) is refused before anything is read
             if not _is_upload(image) and not store.get_image_uri(image):
-                raise HTTPException(status_code=404, detail=f"no image {image!r} in the datastore ({self.studies}); "
-                                                            f"expected the id of one of its images")
+                raise self._not_in_datastore(image)
         return super().infer(request, datastore)
 
     def init_datastore(self):
@@ -244,12 +243,15 @@ class MedsslApp(MONAILabelApp):
 
         def save_label(image_id, label_filename, label_tag, label_info):
             if not store.get_image_uri(image_id):
-                raise HTTPException(status_code=404, detail=f"no image {image_id!r} in the datastore "
-                                                            f"({self.studies}); expected the id of one of its images")
+                raise self._not_in_datastore(image_id)
             return save(image_id, label_filename, label_tag, label_info)
 
         store.save_label = save_label
         return store
+
+    def _not_in_datastore(self, image) -> HTTPException:
+        return HTTPException(status_code=404, detail=f"no image {image!r} in the datastore ({self.studies}); "
+                                                     f"expected the id of one of its images")
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"
